@@ -1,0 +1,46 @@
+# The lab's two contracts: `make lab` (the main job) and `make test` (every test).
+# Each target sets up what it needs on a fresh machine: the venv, host tools, (later) images.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+# Host tools the tests use as real peers (socat and nc as clients, gcc for the original C programs).
+HOST_TOOLS := socat nc gcc
+
+.PHONY: all venv host-tools test lint lab clean
+
+all: test
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+venv: $(STAMP)
+
+# Idempotent: installs only what is missing, and only where apt-get can (root on Debian).
+host-tools:
+	@missing=""; for t in $(HOST_TOOLS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
+	if [ -n "$$missing" ]; then \
+	  pkgs=$$(echo "$$missing" | sed -e 's/\bnc\b/netcat-openbsd/' -e 's/\bgcc\b/gcc libc6-dev/'); \
+	  echo "installing host tools:$$missing"; \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$pkgs >/dev/null; \
+	  else echo "make: missing$$missing: install them (Debian: apt-get install $$pkgs)" >&2; exit 1; fi; \
+	fi
+
+test: venv host-tools
+	$(PY) -m pytest
+
+lint: venv
+	$(VENV)/bin/ruff check lab tests
+	$(VENV)/bin/ruff format --check lab tests
+	$(VENV)/bin/mypy
+
+lab: venv
+	@echo "make lab: the containerised lab arrives with issue 3; for now: $(VENV)/bin/lab --help"
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
