@@ -1,0 +1,120 @@
+"""accept() and what to do when it fails.
+
+Two kinds of failure, two policies (the kernel's accept(2) page and trio's
+``_highlevel_socket.py`` reason the same way):
+
+* The process or the system is out of a resource (descriptors, buffers, memory). Retrying at
+  once fails again and spins a core at 100 %, while the waiting connection keeps the listening
+  socket readable. So: back off exponentially, log once per episode, and make room for the
+  waiting client by the *spare descriptor* technique — keep one descriptor open for this
+  moment; close it, accept the connection and close that at once (the client sees a clean
+  close instead of waiting in the backlog forever), then reopen the spare.
+* The *connection* failed between the handshake and accept() (the client reset it, a firewall
+  refused it): Linux reports such errors from accept() itself. Skip it, accept the next one.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import time
+
+from lab.sockets.log import Log
+
+RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+CONNECTION_ERRNOS = frozenset(
+    {
+        errno.ECONNABORTED,
+        errno.EPROTO,
+        errno.EPERM,
+        errno.ENETDOWN,
+        errno.ENOPROTOOPT,
+        errno.EHOSTDOWN,
+        errno.ENONET,
+        errno.EHOSTUNREACH,
+        errno.EOPNOTSUPP,
+        errno.ENETUNREACH,
+    }
+)
+
+BACKOFF_FIRST = 0.01  # seconds; doubles per failure within an episode …
+BACKOFF_MAX = 1.0  # … up to this
+
+
+class Acceptor:
+    """Accepts from a non-blocking listening socket, applying the policy above."""
+
+    def __init__(self, listener: socket.socket, log: Log) -> None:
+        self.listener = listener
+        self.log = log
+        self.spare: int | None = self._open_spare()
+        self.backoff = 0.0
+        self.paused_until = 0.0
+        self.shed = 0  # connections accepted only to be closed for want of descriptors
+        self._episode_shed = 0
+
+    @staticmethod
+    def _open_spare() -> int | None:
+        try:
+            return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+
+    def paused(self, now: float) -> bool:
+        return now < self.paused_until
+
+    def accept(self) -> tuple[socket.socket, object] | None:
+        """A new connection, or None (nothing waiting, a failed connection skipped, or backing
+        off: see :attr:`paused_until`)."""
+        try:
+            conn, address = self.listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError as exc:
+            if exc.errno in CONNECTION_ERRNOS:
+                return None
+            if exc.errno in RESOURCE_ERRNOS:
+                self._out_of_resources(exc)
+                return None
+            raise
+        if self.backoff:
+            self.log.notice(
+                f"accept() recovered; {self._episode_shed} connection(s) shed while out of "
+                "descriptors"
+            )
+            self.backoff = 0.0
+            self._episode_shed = 0
+        self.log.trace("accept() is OK")
+        return conn, address
+
+    def _out_of_resources(self, exc: OSError) -> None:
+        if not self.backoff:
+            name = errno.errorcode.get(exc.errno or 0, "?")
+            self.log.notice(
+                f"accept() failed with {name} ({exc.strerror}): shedding waiting connections "
+                "and backing off until descriptors free up (raise the limit: ulimit -n)"
+            )
+        if self.spare is not None:
+            os.close(self.spare)
+            self.spare = None
+            try:
+                conn, _ = self.listener.accept()
+                conn.close()
+                self.shed += 1
+                self._episode_shed += 1
+            except OSError:
+                pass
+            self.spare = self._open_spare()
+        self.backoff = min(BACKOFF_MAX, max(BACKOFF_FIRST, self.backoff * 2))
+        self.paused_until = time.monotonic() + self.backoff
+
+    def pause(self) -> None:
+        """Back off for another reason of the same kind (e.g. posix_spawn() said EAGAIN)."""
+        self.backoff = min(BACKOFF_MAX, max(BACKOFF_FIRST, self.backoff * 2))
+        self.paused_until = time.monotonic() + self.backoff
+
+    def close(self) -> None:
+        if self.spare is not None:
+            os.close(self.spare)
+            self.spare = None

@@ -1,0 +1,102 @@
+"""spawn — start a new process running a worker *program* for every connection.
+
+posix_spawn() creates the process and execs the program in one call (no copy of the server is
+ever made, unlike fork-and-continue). The connection becomes the program's stdin and stdout
+(descriptors 0 and 1, the inetd convention), so any filter — ``cat`` — is an echo worker. The
+server closes its copy at once and goes back to accept(); the program's exit is reaped on
+SIGCHLD. The default worker is ``spawn_worker.py`` started with ``python3 -I -S``: interpreter
+start-up per connection is the cost this design shows.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+from lab.sockets.base import Server
+from lab.sockets.signals import RESET_ON_EXEC
+from lab.sockets.stats import COMPLETED, ERROR, SPAWN_FAILED, STOPPED, WORKER_DIED
+
+WORKER = Path(__file__).resolve().parent.parent / "spawn_worker.py"
+REPORT_FD = 3  # where a spawned worker finds the statistics pipe (an extra inherited descriptor)
+
+
+class SpawnServer(Server):
+    name = "spawn"
+    summary = "posix_spawn() a worker program per connection, the socket as its stdin/stdout"
+    origin = "the chapter's spawn() server (inetd style)"
+
+    def start(self) -> None:
+        custom = self.config.worker_argv()
+        if custom is not None:
+            self.argv = custom
+            self.log.notice(
+                "--worker-cmd: the worker program owns each connection; "
+                "--idle-timeout does not apply"
+            )
+        else:
+            self.argv = [
+                sys.executable,
+                "-I",
+                "-S",
+                str(WORKER),
+                "--idle-timeout",
+                str(self.config.idle_timeout),
+            ]
+            if self.config.trace:
+                self.argv.append("--trace")
+
+    def ready_details(self) -> dict[str, object]:
+        return {"worker": repr(" ".join(self.argv[:1] + self.argv[1:]))}
+
+    def accepting(self) -> bool:
+        return len(self.children) < self.config.max_children
+
+    def process_request(self, conn: socket.socket, address: object) -> None:
+        fd = conn.fileno()
+        try:
+            pid = os.posix_spawn(
+                self.argv[0],
+                self.argv,
+                os.environ,
+                file_actions=[
+                    (os.POSIX_SPAWN_DUP2, fd, 0),
+                    (os.POSIX_SPAWN_DUP2, fd, 1),
+                    (os.POSIX_SPAWN_DUP2, self.report.write_fd, REPORT_FD),
+                ],
+                # The child starts with no blocked signals and default dispositions: an ignored
+                # SIGPIPE (Python's default) or SIGINT would otherwise survive the exec.
+                setsigmask=(),
+                setsigdef=RESET_ON_EXEC,
+            )
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.ENOMEM):
+                raise
+            self.stats.failed[SPAWN_FAILED] += 1
+            self.log.notice(
+                f"posix_spawn() failed ({exc.strerror}): closing the connection, backing off"
+            )
+            self.acceptor.pause()
+            return
+        self.children[pid] = "child"
+        self.report.opened(pid)
+        self.log.trace(f"posix_spawn() is OK: process {pid} serves the connection")
+
+    def child_exited(self, pid: int, status: int, role: str) -> None:
+        # Our worker reports how its connection ended; another program (--worker-cmd) does not,
+        # and then its exit status is all we know.
+        if self.report.open.pop(pid, 0) <= 0:
+            return
+        if self.killing:
+            outcome = STOPPED
+        elif os.WIFEXITED(status):
+            outcome = COMPLETED if os.WEXITSTATUS(status) == 0 else ERROR
+        else:
+            outcome = WORKER_DIED
+            if os.WTERMSIG(status) != signal.SIGPIPE:
+                self.log.notice(f"worker process {pid} killed by signal {os.WTERMSIG(status)}")
+        self.stats.ended(outcome, 0, 0, worker=None)
