@@ -24,4 +24,16 @@ app.command("designs")(designs.designs)
 
 
 def main() -> None:
-    app()
+    """The console script: usage errors become one line naming the fix, never a box or a
+    traceback."""
+    try:
+        code = app(standalone_mode=False)
+    except typer.TyperException as exc:  # a usage error: bad option, unknown command …
+        ctx = getattr(exc, "ctx", None)
+        command = ctx.command_path if ctx is not None else "lab"
+        hint = f" (see `{command} --help`)" if exc.exit_code == 2 else ""
+        typer.echo(f"{command}: error: {exc.format_message()}{hint}", err=True)
+        raise SystemExit(exc.exit_code) from None
+    except typer.Abort:  # Ctrl-C at a prompt
+        raise SystemExit(130) from None
+    raise SystemExit(code if isinstance(code, int) else 0)
