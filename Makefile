@@ -40,7 +40,7 @@ lint: venv
 	$(VENV)/bin/mypy
 
 lab: venv
-	@echo "make lab: the containerised lab arrives with issue 3; for now: $(VENV)/bin/lab --help"
+	scripts/transcript.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
