@@ -32,6 +32,8 @@ EXIT_FATAL = 1  # an unexpected error (it is printed)
 EXIT_USAGE = 2  # a bad option: one line says which and how to fix it
 EXIT_BIND = 3  # could not bind/listen (port in use, no permission, address not here)
 
+HEALTH_BACKLOG = 16  # health probes come every second or two; they never pile up
+
 
 class BindError(Exception):
     """Binding or listening failed: the message names the fix."""
@@ -68,11 +70,18 @@ class Server:
         self.killing = False  # past the grace period: children are being killed
         self.report = ReportPipe(per_worker=self.per_worker_stats)
         self._extra: dict[int, int] = {}  # descriptor → poll events, added by designs
+        self.health: socket.socket | None = None
 
     # -- the Host protocol the echo loop uses -------------------------------------------
-    @property
-    def signal_fd(self) -> int | None:
-        return self.signal_queue.fileno()
+    def housekeeping_fds(self) -> tuple[int, ...]:
+        fds = (self.signal_queue.fileno(),)
+        return fds + ((self.health.fileno(),) if self.health is not None else ())
+
+    def on_housekeeping(self, fd: int) -> None:
+        if fd == self.signal_queue.fileno():
+            self.on_signals()
+        else:
+            self.answer_health_probes()
 
     @property
     def stop_deadline(self) -> float | None:
@@ -84,12 +93,36 @@ class Server:
             if handler is not None:
                 handler()
 
+    def answer_health_probes(self) -> None:
+        """A probe on the health port gets "ok" and a close. Probes are counted apart from
+        connections, never traced and never count towards --connections — and they are
+        answered even while a connection is being served (the echo loop watches this port),
+        so a busy iterative server is not reported unhealthy."""
+        assert self.health is not None
+        while True:
+            try:
+                probe, _ = self.health.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return  # out of descriptors, or the probe went away: it will retry
+            with contextlib.suppress(OSError):
+                probe.setblocking(False)
+                probe.send(b"ok\n")
+            probe.close()
+            self.stats.health_probes += 1
+
     # -- lifecycle ----------------------------------------------------------------------
     def serve_forever(self) -> int:
         self.signal_queue = signals.SignalQueue(
             (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGCHLD)
         )
-        self.listener = self.bind_and_listen()
+        self.listener = self.bind_and_listen(self.config.port, self.backlog)
+        self.health = (
+            self.bind_and_listen(self.config.health_port, HEALTH_BACKLOG, quiet=True)
+            if self.config.health_port
+            else None
+        )
         self.acceptor = Acceptor(self.listener, self.log)
         self.start()
         self.announce_ready()
@@ -103,8 +136,9 @@ class Server:
         self.log.line(self.stats_line())
         return EXIT_OK
 
-    def bind_and_listen(self) -> socket.socket:
-        host, port = self.config.host, self.config.port
+    def bind_and_listen(self, port: int, backlog: int, quiet: bool = False) -> socket.socket:
+        host = self.config.host
+        trace = (lambda text: None) if quiet else self.log.trace
         try:
             family, kind, proto, _, address = socket.getaddrinfo(
                 host, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE
@@ -115,30 +149,31 @@ class Server:
                 "of this host, e.g. 0.0.0.0 or ::"
             ) from None
         sock = socket.socket(family, kind, proto)
-        self.log.trace("socket() is OK")
+        trace("socket() is OK")
         # SO_REUSEADDR lets a restarted server bind while old connections sit in TIME_WAIT;
         # it does not let two servers listen on one port (that would be SO_REUSEPORT).
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(address)
-            self.log.trace("bind() is OK")
-            sock.listen(self.backlog)
-            self.log.trace("listen() is OK")
+            trace("bind() is OK")
+            sock.listen(backlog)
+            trace("listen() is OK")
         except OSError as exc:
             sock.close()
-            raise BindError(self._bind_hint(exc, host, port)) from None
+            flag = "--health-port / LAB_HEALTH_PORT" if quiet else "--port / LAB_PORT"
+            raise BindError(self._bind_hint(exc, host, port, flag)) from None
         sock.setblocking(False)  # we poll() it; accept() must never block the loop
         return sock
 
     @staticmethod
-    def _bind_hint(exc: OSError, host: str, port: int) -> str:
+    def _bind_hint(exc: OSError, host: str, port: int, flag: str) -> str:
         if exc.errno == errno.EADDRINUSE:
             return (
                 f"port {port} is already in use on {host}: stop whatever holds it "
                 "(ss -ltnp) or choose another with --port / LAB_PORT"
             )
         if exc.errno == errno.EACCES:
-            return f"no permission to bind port {port}: choose a port above 1023 with --port"
+            return f"no permission to bind port {port}: choose a port above 1023 with {flag}"
         if exc.errno == errno.EADDRNOTAVAIL:
             return f"{host} is not an address of this host: use 0.0.0.0, :: or one of its own"
         return f"cannot listen on {host}:{port}: {exc.strerror}"
@@ -161,6 +196,8 @@ class Server:
         poller = select.poll()
         poller.register(self.signal_queue.fileno(), select.POLLIN)
         poller.register(self.report.read_fd, select.POLLIN)
+        if self.health is not None:
+            poller.register(self.health, select.POLLIN)
         listening = False
         while not self.stopping:
             for fd, events in self._extra.items():
@@ -181,6 +218,8 @@ class Server:
                     self.accept_ready()
                 elif fd == self.report.read_fd:
                     self.collect()
+                elif self.health is not None and fd == self.health.fileno():
+                    self.answer_health_probes()
                 else:
                     self.on_ready(fd, events)
                 if self.stopping:
@@ -326,6 +365,7 @@ class Server:
         """Descriptors of the parent's that a forked child must close (all are close-on-exec,
         but a fork without exec keeps them)."""
         fds = [*self.signal_queue.fds(), self.report.read_fd, self.listener.fileno()]
+        fds += [self.health.fileno()] if self.health is not None else []
         return fds + ([self.acceptor.spare] if self.acceptor.spare is not None else [])
 
     def collect(self) -> None:
@@ -339,4 +379,6 @@ class Server:
     def close(self) -> None:
         if self.listener.fileno() != -1:
             self.listener.close()
+        if self.health is not None:
+            self.health.close()
         self.acceptor.close()

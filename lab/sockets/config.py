@@ -46,6 +46,7 @@ class ServerConfig:
     idle_timeout: float = _opt(60.0, "close a connection with no progress for this many seconds")
     grace: float = _opt(10.0, "on SIGTERM/SIGINT, seconds in-flight connections may finish")
     trace: bool = _opt(False, "log every socket call, as the original programs do")
+    health_port: int = _opt(0, "answer health probes on this port, counted apart (0 = off)")
 
     def resolved_backlog(self, design_default: int) -> int:
         return self.backlog if self.backlog is not None else design_default
@@ -78,6 +79,13 @@ class ServerConfig:
             )
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"--port {self.port}: choose a port from 0 to 65535")
+        if not 0 <= self.health_port <= 65535 or (
+            self.health_port and self.health_port == self.port
+        ):
+            raise ConfigError(
+                f"--health-port {self.health_port}: choose a port from 1 to 65535 other than "
+                "--port, or 0 for none"
+            )
         if self.backlog is not None and self.backlog < 1:
             raise ConfigError(f"--backlog {self.backlog}: the listen backlog must be at least 1")
         for name in ("workers", "max_workers"):

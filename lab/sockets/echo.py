@@ -7,7 +7,8 @@ do not read more, so a client that sends without reading fills its own socket bu
 flow control (the receive window) stops it — back-pressure instead of an unbounded queue.
 
 The socket is non-blocking and every wait is a ``poll()`` that also watches the process's signal
-pipe, so SIGTERM or SIGUSR1 are handled while a long connection is being served.
+pipe (and the health port), so SIGTERM, SIGUSR1 and health probes are handled while a long
+connection is being served.
 """
 
 from __future__ import annotations
@@ -27,15 +28,15 @@ BUFFER_SIZE = 64 * 1024  # per connection, fixed: the most one recv() takes and 
 class Host(Protocol):
     """What the echo loop needs from the process running it."""
 
-    @property
-    def signal_fd(self) -> int | None: ...
+    def housekeeping_fds(self) -> tuple[int, ...]:
+        """Descriptors to watch while serving: the signal pipe, the health port …"""
+
+    def on_housekeeping(self, fd: int) -> None:
+        """One of them is readable (a signal may set ``stop_deadline``)."""
 
     @property
     def stop_deadline(self) -> float | None:
         """Monotonic time by which a stopping server must be done (None: not stopping)."""
-
-    def on_signals(self) -> None:
-        """Read and dispatch pending signals (may set ``stop_deadline``)."""
 
 
 def echo(
@@ -49,8 +50,9 @@ def echo(
     owed = sent = 0  # buf[sent:owed] is received but not yet echoed
     poller = select.poll()
     poller.register(sock, select.POLLIN)
-    if host is not None and host.signal_fd is not None:
-        poller.register(host.signal_fd, select.POLLIN)
+    housekeeping = host.housekeeping_fds() if host is not None else ()
+    for fd in housekeeping:
+        poller.register(fd, select.POLLIN)
     last_progress = time.monotonic()
     try:
         while True:
@@ -90,8 +92,8 @@ def echo(
                 log.trace(f"closing the connection: {outcome}")
                 return outcome, bytes_in, bytes_out
             for fd, _ in poller.poll(remaining * 1000):
-                if host is not None and fd == host.signal_fd:
-                    host.on_signals()
+                if host is not None and fd in housekeeping:
+                    host.on_housekeeping(fd)
     except (ConnectionResetError, BrokenPipeError, ConnectionAbortedError):
         log.trace("the client reset the connection")
         return stats.RESET, bytes_in, bytes_out

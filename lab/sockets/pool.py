@@ -9,9 +9,14 @@ on SIGTERM stops them all. Workers ask the kernel to signal them when the parent
 from __future__ import annotations
 
 import signal
+import time
 
 from lab.sockets import process, signals
 from lab.sockets.base import Server
+from lab.sockets.config import ServerConfig
+from lab.sockets.log import Log
+from lab.sockets.signals import SignalQueue
+from lab.sockets.stats import ReportPipe
 
 
 class PoolServer(Server):
@@ -55,3 +60,30 @@ class PoolServer(Server):
     def signal_workers(self, signum: int = signal.SIGTERM) -> None:
         for pid in self.workers:
             self._kill(pid, signum)
+
+
+class PoolWorker:
+    """What a pool worker process shares: its own signal pipe (SIGTERM: finish what you have,
+    then leave; SIGINT stays ignored), the report pipe, and the echo loop's Host protocol."""
+
+    def __init__(self, config: ServerConfig, report: ReportPipe, log: Log) -> None:
+        self.config = config
+        self.report = report
+        self.log = log
+        self.signal_queue = SignalQueue((signal.SIGTERM,))
+        self._stop_deadline: float | None = None
+
+    def housekeeping_fds(self) -> tuple[int, ...]:
+        return (self.signal_queue.fileno(),)
+
+    def on_housekeeping(self, fd: int) -> None:
+        if signal.SIGTERM in self.signal_queue.pending() and self._stop_deadline is None:
+            self._stop_deadline = time.monotonic() + self.config.grace
+
+    @property
+    def stop_deadline(self) -> float | None:
+        return self._stop_deadline
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop_deadline is not None

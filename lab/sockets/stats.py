@@ -40,6 +40,7 @@ class Stats:
     bytes_out: int = 0
     per_worker: Counter[str] = field(default_factory=Counter)  # connections served, by worker pid
     workers_alive: int = 0
+    health_probes: int = 0  # answered on the health port; not connections
     started: float = field(default_factory=time.monotonic)
 
     def ended(self, outcome: str, bytes_in: int, bytes_out: int, worker: int | None) -> None:
@@ -72,6 +73,7 @@ class Stats:
                 "bytes_out": self.bytes_out,
                 "per_worker": dict(sorted(self.per_worker.items())),
                 "workers_alive": self.workers_alive,
+                "health_probes": self.health_probes,
             },
             separators=(", ", ": "),
         )

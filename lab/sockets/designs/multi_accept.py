@@ -23,8 +23,7 @@ from lab.sockets.accept import Acceptor
 from lab.sockets.config import ConfigError, ServerConfig
 from lab.sockets.echo import echo
 from lab.sockets.log import Log
-from lab.sockets.pool import PoolServer
-from lab.sockets.signals import SignalQueue
+from lab.sockets.pool import PoolServer, PoolWorker
 from lab.sockets.stats import ReportPipe
 
 
@@ -62,38 +61,21 @@ class MultiAcceptServer(PoolServer):
         self.signal_workers(signal.SIGTERM if first else signal.SIGKILL)
 
 
-class AcceptWorker:
+class AcceptWorker(PoolWorker):
     """One worker: accept, serve the connection to its end, accept again."""
 
     def __init__(
         self, listener: socket.socket, config: ServerConfig, report: ReportPipe, log: Log
     ) -> None:
+        super().__init__(config, report, log)
         self.listener = listener
-        self.config = config
-        self.report = report
-        self.log = log
-        self.signal_queue = SignalQueue((signal.SIGTERM,))
-        self._stop_deadline: float | None = None
-
-    # the echo loop's Host protocol
-    @property
-    def signal_fd(self) -> int | None:
-        return self.signal_queue.fileno()
-
-    @property
-    def stop_deadline(self) -> float | None:
-        return self._stop_deadline
-
-    def on_signals(self) -> None:
-        if signal.SIGTERM in self.signal_queue.pending() and self._stop_deadline is None:
-            self._stop_deadline = time.monotonic() + self.config.grace
 
     def run(self) -> int:
         acceptor = Acceptor(self.listener, self.log)
         poller = select.epoll()
         poller.register(self.signal_queue.fileno(), select.EPOLLIN)
         registered = False
-        while self._stop_deadline is None:
+        while not self.stopping:
             now = time.monotonic()
             want = not acceptor.paused(now)
             if want != registered:
@@ -106,7 +88,7 @@ class AcceptWorker:
             timeout = acceptor.paused_until - now if acceptor.paused(now) else -1
             for fd, _ in poller.poll(timeout):
                 if fd == self.signal_queue.fileno():
-                    self.on_signals()
+                    self.on_housekeeping(fd)
                 elif not self.serve_one(acceptor):
                     break
         # Stopping: serve what the kernel already queued, then leave.

@@ -24,7 +24,6 @@ from __future__ import annotations
 import array
 import os
 import select
-import signal
 import socket
 import time
 
@@ -32,8 +31,7 @@ from lab.sockets import process
 from lab.sockets.config import ServerConfig
 from lab.sockets.echo import echo
 from lab.sockets.log import Log
-from lab.sockets.pool import PoolServer
-from lab.sockets.signals import SignalQueue
+from lab.sockets.pool import PoolServer, PoolWorker
 from lab.sockets.stats import ReportPipe
 
 CONNECTION = b"c"  # a message carrying a descriptor
@@ -192,7 +190,7 @@ class SendmsgServer(PoolServer):
         self.worker_end.close()
 
 
-class DescriptorWorker:
+class DescriptorWorker(PoolWorker):
     """One worker: recvmsg() a descriptor, serve that connection to its end, again."""
 
     def __init__(
@@ -203,26 +201,10 @@ class DescriptorWorker:
         log: Log,
         extra: bool,
     ) -> None:
+        super().__init__(config, report, log)
         self.channel = channel
-        self.config = config
-        self.report = report
-        self.log = log
         self.extra = extra  # started above --workers: retires after --worker-idle idle seconds
-        self.signal_queue = SignalQueue((signal.SIGTERM,))
-        self._stop_deadline: float | None = None
         self.pid = os.getpid()
-
-    @property
-    def signal_fd(self) -> int | None:
-        return self.signal_queue.fileno()
-
-    @property
-    def stop_deadline(self) -> float | None:
-        return self._stop_deadline
-
-    def on_signals(self) -> None:
-        if signal.SIGTERM in self.signal_queue.pending() and self._stop_deadline is None:
-            self._stop_deadline = time.monotonic() + self.config.grace
 
     def tell(self, kind: bytes) -> None:
         """Tell the server our state; the channel is shared and non-blocking, so wait for
@@ -242,7 +224,7 @@ class DescriptorWorker:
         poller.register(self.signal_queue.fileno(), select.EPOLLIN)
         self.tell(b"I")
         idle_since = time.monotonic()
-        while self._stop_deadline is None:
+        while not self.stopping:
             timeout = -1.0
             if self.extra:
                 timeout = idle_since + self.config.worker_idle - time.monotonic()
@@ -252,7 +234,7 @@ class DescriptorWorker:
                     return process.EXIT_OK
             for fd, _ in poller.poll(timeout):
                 if fd == self.signal_queue.fileno():
-                    self.on_signals()
+                    self.on_housekeeping(fd)
                     continue
                 received = self.receive()
                 if received is STOP:
