@@ -110,6 +110,10 @@ class RunningServer:
         return code
 
     def kill_group(self) -> None:
+        # spawn's programs run in process groups of their own: kill every descendant too.
+        for pid in descendants(self.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -242,5 +246,3 @@ def echo_once(
                 break
             received += chunk
         return bytes(received)
-
-

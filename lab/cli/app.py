@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from lab.cli import client, designs, serve
+from lab.cli import client, designs, serve, stack
 
 app = typer.Typer(
     name="lab",
@@ -21,6 +21,12 @@ app = typer.Typer(
 app.command("serve", **serve.COMMAND_SETTINGS)(serve.serve)
 app.command("client")(client.client)
 app.command("designs")(designs.designs)
+app.command("up")(stack.up)
+app.command("down")(stack.down)
+app.command("status")(stack.status)
+app.command("logs")(stack.logs)
+app.command("switch")(stack.switch)
+app.command("exec-client")(stack.exec_client)
 
 
 def main() -> None:

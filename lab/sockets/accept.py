@@ -7,8 +7,9 @@ Two kinds of failure, two policies (the kernel's accept(2) page and trio's
   once fails again and spins a core at 100 %, while the waiting connection keeps the listening
   socket readable. So: back off exponentially, log once per episode, and make room for the
   waiting client by the *spare descriptor* technique — keep one descriptor open for this
-  moment; close it, accept the connection and close that at once (the client sees a clean
-  close instead of waiting in the backlog forever), then reopen the spare.
+  moment; close it, accept the connection and close that at once (the client learns at once
+  — a reset if it had sent data we never read — instead of waiting in the backlog), then
+  reopen the spare.
 * The *connection* failed between the handshake and accept() (the client reset it, a firewall
   refused it): Linux reports such errors from accept() itself. Skip it, accept the next one.
 """
@@ -38,6 +39,7 @@ CONNECTION_ERRNOS = frozenset(
     }
 )
 
+SKIP_AT_MOST = 64  # failed connections skipped in one call before giving the loop back
 BACKOFF_FIRST = 0.01  # seconds; doubles per failure within an episode …
 BACKOFF_MAX = 1.0  # … up to this
 
@@ -53,6 +55,7 @@ class Acceptor:
         self.paused_until = 0.0
         self.shed = 0  # connections accepted only to be closed for want of descriptors
         self._episode_shed = 0
+        self._exhausted = False  # inside an out-of-descriptors episode
 
     @staticmethod
     def _open_spare() -> int | None:
@@ -67,29 +70,33 @@ class Acceptor:
     def accept(self) -> tuple[socket.socket, object] | None:
         """A new connection, or None (nothing waiting, a failed connection skipped, or backing
         off: see :attr:`paused_until`)."""
-        try:
-            conn, address = self.listener.accept()
-        except (BlockingIOError, InterruptedError):
-            return None
-        except OSError as exc:
-            if exc.errno in CONNECTION_ERRNOS:
+        for _ in range(SKIP_AT_MOST):
+            try:
+                conn, address = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
                 return None
-            if exc.errno in RESOURCE_ERRNOS:
-                self._out_of_resources(exc)
-                return None
-            raise
-        if self.backoff:
-            self.log.notice(
-                f"accept() recovered; {self._episode_shed} connection(s) shed while out of "
-                "descriptors"
-            )
+            except OSError as exc:
+                if exc.errno in CONNECTION_ERRNOS:
+                    continue  # that connection failed; the next one may be fine
+                if exc.errno in RESOURCE_ERRNOS:
+                    self._out_of_resources(exc)
+                    return None
+                raise
+            if self._exhausted:
+                self.log.notice(
+                    f"accept() recovered; {self._episode_shed} connection(s) shed while out of "
+                    "descriptors"
+                )
+                self._exhausted = False
+                self._episode_shed = 0
             self.backoff = 0.0
-            self._episode_shed = 0
-        self.log.trace("accept() is OK")
-        return conn, address
+            self.log.trace("accept() is OK")
+            return conn, address
+        return None
 
     def _out_of_resources(self, exc: OSError) -> None:
-        if not self.backoff:
+        if not self._exhausted:
+            self._exhausted = True
             name = errno.errorcode.get(exc.errno or 0, "?")
             self.log.notice(
                 f"accept() failed with {name} ({exc.strerror}): shedding waiting connections "

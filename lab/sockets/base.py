@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import math
 import os
 import select
 import signal
@@ -22,7 +23,7 @@ from typing import ClassVar
 
 from lab.sockets import process, signals
 from lab.sockets.accept import Acceptor
-from lab.sockets.config import ServerConfig
+from lab.sockets.config import ConfigError, ServerConfig
 from lab.sockets.log import Log
 from lab.sockets.stats import STOPPED, WORKER_DIED, ReportPipe, Stats
 
@@ -57,6 +58,8 @@ class Server:
     @classmethod
     def check_config(cls, config: ServerConfig) -> None:
         """Reject options this design cannot honour (raise ConfigError)."""
+        if config.worker_cmd is not None:
+            raise ConfigError(f"--worker-cmd applies only to --design spawn, not {cls.name}")
 
     def __init__(self, config: ServerConfig, log: Log | None = None) -> None:
         self.config = config
@@ -128,8 +131,6 @@ class Server:
         self.announce_ready()
         try:
             self.run()
-            if self.drain_on_stop:
-                self.drain_backlog()
             self.finish()
         finally:
             self.close()
@@ -170,7 +171,7 @@ class Server:
         if exc.errno == errno.EADDRINUSE:
             return (
                 f"port {port} is already in use on {host}: stop whatever holds it "
-                "(ss -ltnp) or choose another with --port / LAB_PORT"
+                f"(ss -ltnp) or choose another with {flag}"
             )
         if exc.errno == errno.EACCES:
             return f"no permission to bind port {port}: choose a port above 1023 with {flag}"
@@ -193,17 +194,31 @@ class Server:
         return {}
 
     def run(self) -> None:
+        """Accept and dispatch until asked to stop. A stop with drain (SIGTERM/SIGINT) then
+        keeps the loop going until the backlog is empty — serving what the kernel already
+        completed instead of resetting it, waiting for room where a design is at its cap —
+        or until the grace period is over."""
         poller = select.poll()
         poller.register(self.signal_queue.fileno(), select.POLLIN)
         poller.register(self.report.read_fd, select.POLLIN)
         if self.health is not None:
             poller.register(self.health, select.POLLIN)
         listening = False
-        while not self.stopping:
+        while True:
+            now = time.monotonic()
+            ready = self.accepting() and not self.acceptor.paused(now)
+            if self.stopping:
+                if not self.drain_on_stop or now >= (self._stop_deadline or now):
+                    break
+                if ready:
+                    request = self.get_request()
+                    if request is None:
+                        break  # the backlog is empty
+                    self.handle(*request)
+                    continue
             for fd, events in self._extra.items():
                 poller.register(fd, events)  # register() also modifies
-            now = time.monotonic()
-            want = self.accepting() and not self.acceptor.paused(now)
+            want = ready and not self.stopping
             if want != listening:
                 if want:
                     poller.register(self.listener, select.POLLIN)
@@ -211,20 +226,23 @@ class Server:
                     poller.unregister(self.listener)
                 listening = want
             timeout = self.poll_timeout(now)
+            if self.stopping and self._stop_deadline is not None:
+                timeout = min(timeout or math.inf, self._stop_deadline - now)
             for fd, events in poller.poll(None if timeout is None else timeout * 1000):
                 if fd == self.signal_queue.fileno():
                     self.on_signals()
                 elif fd == self.listener.fileno():
-                    self.accept_ready()
+                    if not self.stopping:
+                        self.accept_ready()
                 elif fd == self.report.read_fd:
                     self.collect()
                 elif self.health is not None and fd == self.health.fileno():
                     self.answer_health_probes()
                 else:
                     self.on_ready(fd, events)
-                if self.stopping:
-                    break
             self.tick()
+        # Close the listening socket: connections that arrive from now on are refused.
+        self.listener.close()
 
     def accepting(self) -> bool:
         """Whether the loop should accept now (designs at their cap say no)."""
@@ -301,16 +319,6 @@ class Server:
             role = self.children.pop(pid, None)
             if role is not None:
                 self.child_exited(pid, status, role)
-
-    def drain_backlog(self) -> None:
-        """Serve connections the kernel already completed instead of resetting them: accept
-        until the backlog is empty, then close the listening socket (later SYNs are refused)."""
-        while True:
-            request = self.get_request()
-            if request is None:
-                break
-            self.handle(*request)
-        self.listener.close()
 
     def finish(self) -> None:
         """Let in-flight work finish until the deadline, then kill what is left; reap all."""

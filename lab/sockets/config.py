@@ -94,10 +94,6 @@ class ServerConfig:
                 raise ConfigError(f"--{_flag(name)} {value}: choose from 1 to {MAX_POOL}")
         if not 1 <= self.max_children <= MAX_POOL:
             raise ConfigError(f"--max-children {self.max_children}: choose from 1 to {MAX_POOL}")
-        if self.pool_max < self.pool_size:
-            raise ConfigError(
-                f"--max-workers {self.pool_max} is below --workers {self.pool_size}: raise it"
-            )
         for name in ("worker_idle", "idle_timeout"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{_flag(name)}: give a number of seconds above 0")
@@ -105,9 +101,6 @@ class ServerConfig:
             raise ConfigError("--grace: give a number of seconds, 0 or more")
         if self.connections < 0:
             raise ConfigError("--connections: give 0 (serve until stopped) or a positive count")
-        if self.worker_cmd is not None and self.design != "spawn":
-            raise ConfigError("--worker-cmd applies only to --design spawn")
-        self.worker_argv()  # raises when the program is not on PATH
 
 
 def _flag(name: str) -> str:

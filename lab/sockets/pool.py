@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import signal
 import time
+from collections import deque
 
 from lab.sockets import process, signals
 from lab.sockets.base import Server
@@ -21,6 +22,17 @@ from lab.sockets.stats import ReportPipe
 
 class PoolServer(Server):
     per_worker_stats = True
+    # A worker that keeps dying at once (a bug, a missing resource) must not make the parent
+    # fork in a tight loop: after CRASH_LIMIT unexpected deaths within CRASH_WINDOW seconds,
+    # replacements wait RESPAWN_DELAY seconds.
+    CRASH_LIMIT = 5
+    CRASH_WINDOW = 5.0
+    RESPAWN_DELAY = 1.0
+
+    def __init__(self, config: ServerConfig, log: Log | None = None) -> None:
+        super().__init__(config, log)
+        self.deaths: deque[float] = deque(maxlen=self.CRASH_LIMIT)
+        self.respawn_at: float | None = None
 
     def ready_details(self) -> dict[str, object]:
         return {"workers": self.config.pool_size}
@@ -28,6 +40,9 @@ class PoolServer(Server):
     @property
     def workers(self) -> list[int]:
         return [pid for pid, role in self.children.items() if role == "worker"]
+
+    def start(self) -> None:
+        self.maintain_pool()
 
     def spawn_worker(self) -> int:
         pid = process.fork(self.worker_main, close_fds=self.worker_closes())
@@ -43,19 +58,46 @@ class PoolServer(Server):
         """Parent descriptors a worker must not keep."""
         return self.inherited_fds()
 
+    def maintain_pool(self) -> int:
+        """Start workers until the pool has what it needs; returns how many were started."""
+        started = 0
+        while len(self.workers) < self.config.pool_size:
+            self.spawn_worker()
+            started += 1
+        return started
+
     def child_exited(self, pid: int, status: int, role: str) -> None:
         super().child_exited(pid, status, role)
-        if self.stopping or self.expected_exit(pid):
+        if self.stopping:
             return
-        self.log.notice(f"worker {pid} {signals.explain_status(status)}: starting a replacement")
-        self.replace_worker()
+        if self.expected_exit(pid):
+            self.maintain_pool()
+            return
+        now = time.monotonic()
+        self.deaths.append(now)
+        cause = f"worker {pid} {signals.explain_status(status)}"
+        if len(self.deaths) == self.CRASH_LIMIT and now - self.deaths[0] < self.CRASH_WINDOW:
+            self.respawn_at = now + self.RESPAWN_DELAY
+            self.log.notice(f"{cause}; workers keep dying: replacing in {self.RESPAWN_DELAY:g} s")
+            return
+        started = self.maintain_pool() if self.respawn_at is None else 0
+        self.log.notice(cause + (": started a replacement" if started else ""))
 
     def expected_exit(self, pid: int) -> bool:
         """Whether the worker said it was leaving (so its exit is no failure)."""
         return False
 
-    def replace_worker(self) -> None:
-        self.spawn_worker()
+    def poll_timeout(self, now: float) -> float | None:
+        timeout = super().poll_timeout(now)
+        if self.respawn_at is not None:
+            wait = max(0.0, self.respawn_at - now)
+            timeout = wait if timeout is None else min(timeout, wait)
+        return timeout
+
+    def tick(self) -> None:
+        if self.respawn_at is not None and time.monotonic() >= self.respawn_at:
+            self.respawn_at = None
+            self.maintain_pool()
 
     def signal_workers(self, signum: int = signal.SIGTERM) -> None:
         for pid in self.workers:

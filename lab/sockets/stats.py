@@ -19,7 +19,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-COMPLETED = "completed"  # the client closed its side and got every byte back
+COMPLETED = "completed"  # the client closed its side after every byte it sent was echoed
 # Failure reasons (``failed`` counts by these):
 RESET = "reset"  # the client reset the connection, or went away while we wrote
 IDLE_TIMEOUT = "idle_timeout"  # no progress either way for --idle-timeout seconds

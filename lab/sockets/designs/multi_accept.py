@@ -34,6 +34,7 @@ class MultiAcceptServer(PoolServer):
 
     @classmethod
     def check_config(cls, config: ServerConfig) -> None:
+        super().check_config(config)
         if config.connections:
             raise ConfigError(
                 "--connections does not apply to multi-accept (its workers accept on their "
@@ -43,10 +44,6 @@ class MultiAcceptServer(PoolServer):
     def accepting(self) -> bool:
         return False  # the workers accept; the parent only supervises
 
-    def start(self) -> None:
-        for _ in range(self.config.pool_size):
-            self.spawn_worker()
-
     def worker_closes(self) -> list[int]:
         keep = self.listener.fileno()
         return [fd for fd in self.inherited_fds() if fd != keep]
@@ -54,10 +51,16 @@ class MultiAcceptServer(PoolServer):
     def worker_main(self) -> int:
         return AcceptWorker(self.listener, self.config, self.report, self.log).run()
 
+    # Workers keep their own --grace deadline from when they got SIGTERM; the parent waits a
+    # moment longer, so a worker closes what it holds and exits by itself before any SIGKILL.
+    WORKER_SLACK = 1.0
+
     def begin_stop(self, drain: bool = True) -> None:
         # The workers drain the backlog themselves: forward the request to stop.
         first = not self.stopping
         super().begin_stop(drain=False)
+        if first and self._stop_deadline is not None:
+            self._stop_deadline += self.WORKER_SLACK
         self.signal_workers(signal.SIGTERM if first else signal.SIGKILL)
 
 

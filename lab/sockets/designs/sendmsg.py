@@ -28,7 +28,7 @@ import socket
 import time
 
 from lab.sockets import process
-from lab.sockets.config import ServerConfig
+from lab.sockets.config import ConfigError, ServerConfig
 from lab.sockets.echo import echo
 from lab.sockets.log import Log
 from lab.sockets.pool import PoolServer, PoolWorker
@@ -52,14 +52,24 @@ class SendmsgServer(PoolServer):
         self.queued = 0  # descriptors sent and not yet picked up (as far as we know)
         self.held: socket.socket | None = None  # a connection waiting for room in the queue
         self._extra[self.channel.fileno()] = select.POLLIN
-        for _ in range(self.config.pool_size):
-            self.spawn_worker()
+        self.next_extra = False  # whether the worker being forked is above --workers
+        super().start()
 
     def ready_details(self) -> dict[str, object]:
         return {"workers": self.config.pool_size, "max_workers": self.config.pool_max}
 
     # -- the pool ------------------------------------------------------------------------
+    @classmethod
+    def check_config(cls, config: ServerConfig) -> None:
+        super().check_config(config)
+        if config.pool_max < config.pool_size:
+            raise ConfigError(
+                f"--max-workers {config.pool_max} is below --workers {config.pool_size}: raise it"
+            )
+
     def spawn_worker(self) -> int:
+        # Decided here, in the parent, before fork(): the child cannot see itself counted.
+        self.next_extra = len(self.workers) >= self.config.pool_size
         pid = super().spawn_worker()
         self.state[pid] = "idle"  # counted idle from birth: it will take what is queued
         return pid
@@ -68,16 +78,20 @@ class SendmsgServer(PoolServer):
         return [*self.inherited_fds(), self.channel.fileno()]
 
     def worker_main(self) -> int:
-        extra = len(self.workers) > self.config.pool_size
-        return DescriptorWorker(self.worker_end, self.config, self.report, self.log, extra).run()
+        worker = DescriptorWorker(
+            self.worker_end, self.config, self.report, self.log, self.next_extra
+        )
+        return worker.run()
 
     def idle_workers(self) -> int:
         return sum(1 for s in self.state.values() if s == "idle")
 
-    def grow_if_needed(self) -> None:
+    def grow_if_needed(self) -> bool:
         if self.queued > self.idle_workers() and len(self.workers) < self.config.pool_max:
             pid = self.spawn_worker()
             self.log.trace(f"{self.queued} queued, none idle: worker {pid} added to the pool")
+            return True
+        return False
 
     def expected_exit(self, pid: int) -> bool:
         return self.state.pop(pid, None) == "retiring"
@@ -86,13 +100,13 @@ class SendmsgServer(PoolServer):
         self.state.setdefault(pid, "dead")
         super().child_exited(pid, status, role)
         self.state.pop(pid, None)
-        if not self.stopping:
-            while len(self.workers) < self.config.pool_size:
-                self.spawn_worker()
-            self.grow_if_needed()
 
-    def replace_worker(self) -> None:
-        pass  # child_exited keeps the pool at --workers and grows it as the queue needs
+    def maintain_pool(self) -> int:
+        """At least --workers, and one more while descriptors wait and no worker is idle."""
+        started = super().maintain_pool()
+        if not self.stopping and self.grow_if_needed():
+            started += 1
+        return started
 
     # -- accept → sendmsg → close --------------------------------------------------------
     def accepting(self) -> bool:
@@ -158,7 +172,9 @@ class SendmsgServer(PoolServer):
         super().handle_chld()
 
     def tick(self) -> None:
-        self.grow_if_needed()
+        super().tick()
+        if not self.stopping:
+            self.grow_if_needed()
 
     # -- stopping --------------------------------------------------------------------------
     def finish(self) -> None:

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from lab.sockets.base import Server
+from lab.sockets.config import ServerConfig
 from lab.sockets.signals import RESET_ON_EXEC
 from lab.sockets.stats import COMPLETED, ERROR, SPAWN_FAILED, STOPPED, WORKER_DIED
 
@@ -29,6 +30,10 @@ class SpawnServer(Server):
     name = "spawn"
     summary = "posix_spawn() a worker program per connection, the socket as its stdin/stdout"
     origin = "the chapter's spawn() server (inetd style)"
+
+    @classmethod
+    def check_config(cls, config: ServerConfig) -> None:
+        config.worker_argv()  # raises when the program is not on PATH
 
     def start(self) -> None:
         custom = self.config.worker_argv()
@@ -51,7 +56,7 @@ class SpawnServer(Server):
                 self.argv.append("--trace")
 
     def ready_details(self) -> dict[str, object]:
-        return {"worker": repr(" ".join(self.argv[:1] + self.argv[1:]))}
+        return {"worker": repr(" ".join(self.argv))}
 
     def accepting(self) -> bool:
         return len(self.children) < self.config.max_children
@@ -72,6 +77,10 @@ class SpawnServer(Server):
                 # SIGPIPE (Python's default) or SIGINT would otherwise survive the exec.
                 setsigmask=(),
                 setsigdef=RESET_ON_EXEC,
+                # Its own process group: Ctrl-C at a terminal signals the foreground group,
+                # and a program with default SIGINT would die mid-connection; the server
+                # coordinates the stop (grace, then SIGKILL) instead.
+                setpgroup=0,
             )
         except OSError as exc:
             if exc.errno not in (errno.EAGAIN, errno.ENOMEM):

@@ -1,0 +1,131 @@
+"""``lab up``, ``down``, ``status``, ``logs``, ``switch``, ``exec-client``: the containerised lab.
+
+Thin commands: each calls :mod:`lab.orchestration.stack` (imported late, so ``lab client`` and
+``lab serve`` never load the docker SDK).
+"""
+
+from __future__ import annotations
+
+import json
+from enum import StrEnum
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from lab.cli.errors import user_errors
+from lab.sockets.designs import DESIGNS
+
+console = Console()
+
+
+class Which(StrEnum):
+    server = "server"
+    client = "client"
+    all = "all"
+
+
+def _check_design(design: str) -> str:
+    if design not in DESIGNS:
+        raise typer.BadParameter(f"unknown design {design!r}: choose one of {', '.join(DESIGNS)}")
+    return design
+
+
+def _table(rows: list[dict[str, Any]]) -> Table:
+    table = Table("container", "service", "state", "health", "hostname", "address", "design")
+    for row in rows:
+        table.add_row(
+            row["name"],
+            row["service"],
+            row["state"],
+            row["health"],
+            row["hostname"],
+            row["address"],
+            row["design"],
+        )
+    return table
+
+
+def up(
+    design: Annotated[
+        str, typer.Option(help="server design", envvar="LAB_DESIGN", callback=_check_design)
+    ] = "iterative",
+    clients: Annotated[
+        int, typer.Option(min=1, max=64, help="client containers", envvar="LAB_CLIENTS")
+    ] = 3,
+) -> None:
+    """Build the images if missing, start the server and the clients, wait until healthy."""
+    from dataclasses import asdict
+
+    from lab.orchestration import stack
+
+    with user_errors("lab up"), console.status("preparing the lab…") as status:
+        found = stack.up(design, clients, progress=lambda line: status.update(line[:100]))
+    console.print(_table([asdict(m) for m in found]))
+    console.print("the transcript: `lab logs`; the statistics: `lab status`; stop: `lab down`")
+
+
+def down() -> None:
+    """Remove every container and the network the lab started (nothing else)."""
+    from lab.orchestration import stack
+
+    with user_errors("lab down"):
+        count = stack.down()
+    typer.echo(f"removed {count} container(s) and the lab's network")
+
+
+def status(
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON for machines")] = False,
+) -> None:
+    """The design, each container's state and address, and the server's live statistics."""
+    from lab.orchestration import stack
+
+    with user_errors("lab status"):
+        report = stack.status()
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    console.print(f"design [bold]{report['design']}[/], server {report['health']}")
+    console.print(_table(report["containers"]))
+    stats = report["stats"]
+    if stats:
+        console.print_json(json.dumps(stats))
+    else:
+        console.print("no statistics: the server did not answer SIGUSR1")
+
+
+def logs(
+    which: Annotated[Which, typer.Argument(help="whose logs")] = Which.all,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="keep following")] = False,
+) -> None:
+    """The lab's logs: the server's traced socket calls and the clients' exchanges."""
+    from lab.orchestration import stack
+
+    with user_errors("lab logs"):
+        stack.logs(which.value, follow)
+
+
+def switch(
+    design: Annotated[str, typer.Argument(help="the new design", callback=_check_design)],
+) -> None:
+    """Restart the server with another design; the clients keep running."""
+    from lab.orchestration import stack
+
+    with user_errors("lab switch"), console.status(f"switching to {design}…"):
+        server = stack.switch(design)
+    typer.echo(f"server {server.name} now runs {server.design} ({server.health})")
+
+
+def exec_client(
+    command: Annotated[list[str], typer.Argument(help="[N] -- COMMAND: client N (default 1)")],
+) -> None:
+    """Run a command in a client container: `lab exec-client 2 -- lab client bakawali -m hi`."""
+    from lab.orchestration import stack
+
+    number = 1
+    if len(command) > 1 and command[0].isdigit():
+        number, command = int(command[0]), command[1:]
+    with user_errors("lab exec-client"):
+        code = stack.exec_client(number, command)
+    raise typer.Exit(code)

@@ -1,0 +1,85 @@
+"""Driving ``compose.yaml`` with whichever compose tool is installed.
+
+``docker compose`` (v2, a docker CLI plugin) and ``docker-compose`` (1.29, Python) read the same
+file the same way here; 1.29 rejects a top-level ``name:``, so the project name is always given
+with ``-p``. Containers are found afterwards by the labels both versions set
+(``com.docker.compose.project``, ``…service``, ``…container-number``), never by name: v1 names
+them ``lab_server_1`` and v2 ``lab-server-1``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import subprocess
+from collections.abc import Mapping, Sequence
+
+from lab.orchestration.engine import PROJECT, LabError, repo_root
+
+PROJECT_LABEL = "com.docker.compose.project"
+SERVICE_LABEL = "com.docker.compose.service"
+NUMBER_LABEL = "com.docker.compose.container-number"
+
+
+@functools.cache
+def tool() -> tuple[str, ...]:
+    """The compose command line prefix: ``docker compose`` if the plugin works, else
+    ``docker-compose``."""
+    if shutil.which("docker"):
+        probe = subprocess.run(
+            ["docker", "compose", "version"], capture_output=True, text=True, check=False
+        )
+        if probe.returncode == 0:
+            return ("docker", "compose")
+    if shutil.which("docker-compose"):
+        return ("docker-compose",)
+    raise LabError(
+        "no compose tool found: install Docker's compose plugin or docker-compose "
+        "(Debian: apt-get install docker-compose)"
+    )
+
+
+def version() -> str:
+    result = subprocess.run([*tool(), "version"], capture_output=True, text=True, check=False)
+    return (result.stdout.splitlines() or ["?"])[0].strip()
+
+
+def run(
+    args: Sequence[str],
+    env: Mapping[str, str] | None = None,
+    project: str = PROJECT,
+    capture: bool = True,
+) -> subprocess.CompletedProcess[str]:
+    """``compose -p PROJECT -f compose.yaml ARGS``; raises LabError with compose's own last
+    error line when it fails."""
+    root = repo_root()
+    command = [*tool(), "-p", project, "-f", str(root / "compose.yaml"), *args]
+    result = subprocess.run(
+        command,
+        cwd=root,
+        env={**os.environ, **(env or {})},
+        capture_output=capture,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise LabError(explain_failure(result.stderr or result.stdout or ""))
+    return result
+
+
+def explain_failure(output: str) -> str:
+    """compose's error output → one line naming the fix."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    last = lines[-1] if lines else "compose failed"
+    text = output.lower()
+    if "port is already allocated" in text or "address already in use" in text:
+        return (
+            "a host port the lab publishes is already in use: stop what holds it, or set "
+            "LAB_HOST_PORT to a free port"
+        )
+    if "no such image" in text or "pull access denied" in text or "not found: manifest" in text:
+        return "the lab image is missing: run `lab up` (it builds it) or `make images`"
+    if "permission denied" in text and "docker.sock" in text:
+        return "no permission to use the Docker engine: run as root or join the docker group"
+    return f"compose failed: {last}"

@@ -1,0 +1,206 @@
+"""The running lab: one server container (hostname ``bakawali``) and N client containers on the
+``labnet`` bridge, brought up from ``compose.yaml`` and inspected with the docker SDK."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+from lab.orchestration import compose
+from lab.orchestration.engine import PROJECT, LabError, client
+from lab.orchestration.images import ensure_images
+
+if TYPE_CHECKING:
+    import docker
+    from docker.models.containers import Container
+
+HEALTHY_TIMEOUT = 90.0  # seconds for the server to answer its health probes after a start
+STATS_TIMEOUT = 5.0  # seconds to wait for the statistics line after SIGUSR1
+
+
+@dataclass(frozen=True)
+class Member:
+    """One container of the lab, as the status table shows it."""
+
+    name: str
+    service: str
+    number: int
+    state: str
+    health: str
+    hostname: str
+    address: str
+    image: str
+    design: str
+
+
+def containers(engine: docker.DockerClient, project: str = PROJECT) -> list[Container]:
+    found = engine.containers.list(
+        all=True, filters={"label": f"{compose.PROJECT_LABEL}={project}"}
+    )
+    return sorted(found, key=lambda c: (_service(c) != "server", _service(c), _number(c)))
+
+
+def _service(container: Container) -> str:
+    return str(container.labels.get(compose.SERVICE_LABEL, "?"))
+
+
+def _number(container: Container) -> int:
+    return int(container.labels.get(compose.NUMBER_LABEL, "0") or 0)
+
+
+def _env(container: Container) -> dict[str, str]:
+    pairs = container.attrs.get("Config", {}).get("Env") or []
+    return dict(pair.split("=", 1) for pair in pairs if "=" in pair)
+
+
+def member(container: Container) -> Member:
+    state = container.attrs.get("State", {})
+    networks = container.attrs.get("NetworkSettings", {}).get("Networks") or {}
+    addresses = [n.get("IPAddress", "") for n in networks.values() if n.get("IPAddress")]
+    return Member(
+        name=container.name or container.short_id,
+        service=_service(container),
+        number=_number(container),
+        state=str(state.get("Status", "?")),
+        health=str((state.get("Health") or {}).get("Status", "-")),
+        hostname=str(container.attrs.get("Config", {}).get("Hostname", "")),
+        address=",".join(addresses) or "-",
+        image=str(container.attrs.get("Config", {}).get("Image", "")),
+        design=_env(container).get("LAB_DESIGN", "") if _service(container) == "server" else "",
+    )
+
+
+def members(project: str = PROJECT) -> list[Member]:
+    return [member(c) for c in containers(client(), project)]
+
+
+def server_container(engine: docker.DockerClient, project: str = PROJECT) -> Container:
+    for container in containers(engine, project):
+        if _service(container) == "server":
+            return container
+    raise LabError("the lab is not up: start it with `lab up`")
+
+
+def up(
+    design: str,
+    clients: int,
+    progress: Callable[[str], None] | None = None,
+    project: str = PROJECT,
+    extra_env: dict[str, str] | None = None,
+) -> list[Member]:
+    engine = client()
+    running = [c for c in containers(engine, project) if c.status == "running"]
+    if running:
+        current = member(server_container(engine, project)).design or "?"
+        raise LabError(
+            f"the lab is already up (design {current}, {len(running)} containers): "
+            "`lab switch DESIGN` changes the design, `lab down` stops it"
+        )
+    images = ensure_images(progress)
+    env = {"LAB_IMAGE": images.lab, "LAB_DESIGN": design, **(extra_env or {})}
+    if progress:
+        progress(f"starting the server ({design}) and {clients} client(s) with {compose.version()}")
+    compose.run(["up", "-d", "--scale", f"client={clients}"], env=env, project=project)
+    wait_healthy(engine, project)
+    return [member(c) for c in containers(engine, project)]
+
+
+def wait_healthy(
+    engine: docker.DockerClient, project: str = PROJECT, timeout: float = HEALTHY_TIMEOUT
+) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        server = server_container(engine, project)
+        server.reload()
+        health = member(server).health
+        if health == "healthy":
+            return
+        if server.status in ("exited", "dead") or time.monotonic() > deadline:
+            tail = server.logs(tail=5).decode("utf-8", "replace").strip().splitlines()
+            last = tail[-1] if tail else "no output"
+            raise LabError(
+                f"the server did not become healthy ({server.status}, {health}); its last line: "
+                f"{last!r} — see `lab logs server`"
+            )
+        time.sleep(0.5)
+
+
+def down(project: str = PROJECT) -> int:
+    """Remove everything the lab started (containers, network); returns how many containers."""
+    engine = client()
+    count = len(containers(engine, project))
+    compose.run(["down", "--remove-orphans", "--timeout", "20"], project=project)
+    return count
+
+
+def server_stats(engine: docker.DockerClient, project: str = PROJECT) -> dict[str, Any] | None:
+    """The server's live statistics: SIGUSR1 to the container (its init forwards it to the
+    server), then the JSON line it prints, read back from the logs."""
+    server = server_container(engine, project)
+    if server.status != "running":
+        return None
+    since = int(time.time()) - 1
+    server.kill(signal="SIGUSR1")
+    deadline = time.monotonic() + STATS_TIMEOUT
+    while time.monotonic() < deadline:
+        text = server.logs(since=since, stdout=True, stderr=False).decode("utf-8", "replace")
+        lines = [line for line in text.splitlines() if line.startswith('{"event": "stats"')]
+        if lines:
+            stats: dict[str, Any] = json.loads(lines[-1])
+            return stats
+        time.sleep(0.2)
+    return None
+
+
+def status(project: str = PROJECT) -> dict[str, Any]:
+    engine = client()
+    found = [member(c) for c in containers(engine, project)]
+    if not found:
+        raise LabError("the lab is not up: start it with `lab up`")
+    server = next((m for m in found if m.service == "server"), None)
+    return {
+        "project": project,
+        "design": server.design if server else None,
+        "health": server.health if server else None,
+        "containers": [asdict(m) for m in found],
+        "stats": server_stats(engine, project) if server else None,
+    }
+
+
+def switch(design: str, project: str = PROJECT) -> Member:
+    """Recreate only the server with another design; clients keep running."""
+    engine = client()
+    current = member(server_container(engine, project))
+    env = {"LAB_IMAGE": current.image, "LAB_DESIGN": design}
+    compose.run(["up", "-d", "--no-deps", "--force-recreate", "server"], env=env, project=project)
+    wait_healthy(engine, project)
+    return member(server_container(engine, project))
+
+
+def exec_client(number: int, argv: Sequence[str], project: str = PROJECT) -> int:
+    """Run ``argv`` in client ``number``, streaming its output; returns its exit code."""
+    engine = client()
+    clients = [c for c in containers(engine, project) if _service(c) == "client"]
+    chosen = next((c for c in clients if _number(c) == number), None)
+    if chosen is None or chosen.status != "running":
+        have = ", ".join(str(_number(c)) for c in clients) or "none"
+        raise LabError(f"no running client {number} (clients: {have}): see `lab status`")
+    exec_id = engine.api.exec_create(chosen.id, list(argv), stdout=True, stderr=True)["Id"]
+    for out, err in engine.api.exec_start(exec_id, stream=True, demux=True):
+        if out:
+            sys.stdout.buffer.write(out)
+            sys.stdout.flush()
+        if err:
+            sys.stderr.buffer.write(err)
+            sys.stderr.flush()
+    code: int = engine.api.exec_inspect(exec_id)["ExitCode"]
+    return code
+
+
+def logs(which: str, follow: bool, project: str = PROJECT) -> None:
+    services = [] if which == "all" else [which]
+    compose.run(["logs", *(["-f"] if follow else []), *services], project=project, capture=False)
