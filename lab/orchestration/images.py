@@ -167,6 +167,18 @@ def _image_id(engine: docker.DockerClient, ref: str) -> str | None:
         return None
 
 
+@contextlib.contextmanager
+def _engine_errors(what: str) -> Iterator[None]:
+    """Turn the docker SDK's (and requests') errors into a LabError that names the fix."""
+    import requests.exceptions
+    from docker.errors import DockerException
+
+    try:
+        yield
+    except (DockerException, requests.exceptions.RequestException) as exc:
+        raise _engine_error(what, exc) from None
+
+
 def _engine_error(what: str, exc: Exception) -> LabError:
     text = " ".join(str(exc).split())
     return LabError(
@@ -416,13 +428,14 @@ def ensure_images(progress: Progress | None = None, force: bool = False) -> Imag
     when pyproject.toml changed); (c) builds ``lab:<hash>`` unless it exists (``force``: rebuild
     it anyway) and points ``lab:latest`` at it. Progress lines go to ``progress``.
     """
-    import requests.exceptions
-    from docker.errors import DockerException
-
     say: Progress = progress if progress is not None else (lambda _line: None)
     root = repo_root()
     engine = client()
+    with _engine_errors("building the lab's images"):
+        return _ensure_images(root, engine, say, force)
 
+
+def _ensure_images(root: Path, engine: docker.DockerClient, say: Progress, force: bool) -> Images:
     base_ref = _ensure_base(root, say)
     base_id = _image_id(engine, base_ref)
     if base_id is None:
@@ -438,19 +451,17 @@ def ensure_images(progress: Progress | None = None, force: bool = False) -> Imag
             context = _build_context(snap, wheels, Path(tmp))
             _build_lab(engine, context, tag, base_ref, say)
             say(f"built {tag}")
-    try:
-        _retag_latest(engine, tag)
-        _drop_stale(engine, tag, say)
-    except (DockerException, requests.exceptions.RequestException) as exc:
-        raise _engine_error(f"tagging {tag}", exc) from None
+    _retag_latest(engine, tag)
+    _drop_stale(engine, tag, say)
     return Images(base=base_ref, lab=tag)
 
 
 def images_present() -> bool:
     """Whether the current ``lab-base:<hash>`` and ``lab:<hash>`` both exist (builds nothing)."""
     engine = client()
-    base_id = _image_id(engine, base_image_tag())
-    return base_id is not None and _image_id(engine, lab_image_tag(base_id)) is not None
+    with _engine_errors("looking up the lab's images"):
+        base_id = _image_id(engine, base_image_tag())
+        return base_id is not None and _image_id(engine, lab_image_tag(base_id)) is not None
 
 
 def remove_images(include_base: bool = False) -> list[str]:
@@ -459,9 +470,14 @@ def remove_images(include_base: bool = False) -> list[str]:
     The base image stays unless ``include_base`` (rebuilding it takes root and a minute).
     Raises LabError when a container still uses one: stop the lab first.
     """
+    engine = client()
+    with _engine_errors("removing the lab's images"):
+        return _remove_images(engine, include_base)
+
+
+def _remove_images(engine: docker.DockerClient, include_base: bool) -> list[str]:
     from docker.errors import APIError, ImageNotFound
 
-    engine = client()
     images = engine.images.list(filters={"label": f"{MANAGED_LABEL}=true"})
     # Derived images before the base they come from.
     images.sort(key=lambda image: (image.labels or {}).get(ROLE_LABEL) == "base")
