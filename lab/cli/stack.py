@@ -7,6 +7,7 @@ Thin commands: each calls :mod:`lab.orchestration.stack` (imported late, so ``la
 from __future__ import annotations
 
 import json
+import sys
 from enum import StrEnum
 from typing import Annotated, Any
 
@@ -17,7 +18,8 @@ from rich.table import Table
 from lab.cli.errors import user_errors
 from lab.sockets.designs import DESIGNS
 
-console = Console()
+# Wide enough for the tables when piped (rich assumes 80 columns off a terminal).
+console = Console(width=None if sys.stdout.isatty() else 160)
 
 
 class Which(StrEnum):

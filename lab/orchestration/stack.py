@@ -202,5 +202,29 @@ def exec_client(number: int, argv: Sequence[str], project: str = PROJECT) -> int
 
 
 def logs(which: str, follow: bool, project: str = PROJECT) -> None:
-    services = [] if which == "all" else [which]
-    compose.run(["logs", *(["-f"] if follow else []), *services], project=project, capture=False)
+    """Follow through compose (it interleaves live); otherwise merge every container's log by
+    timestamp, so the server's trace and the clients' lines read as one transcript (compose
+    1.29 prints one container after another)."""
+    if follow:
+        services = [] if which == "all" else [which]
+        compose.run(["logs", "-f", *services], project=project, capture=False)
+        return
+    for line in transcript(which, project):
+        print(line)
+
+
+def transcript(which: str = "all", project: str = PROJECT) -> list[str]:
+    engine = client()
+    chosen = [c for c in containers(engine, project) if which in ("all", _service(c))]
+    if not chosen:
+        raise LabError("the lab is not up: start it with `lab up`")
+    stamped: list[tuple[str, str]] = []
+    for container in chosen:
+        name = _service(container) + (
+            f"-{_number(container)}" if _service(container) == "client" else ""
+        )
+        text = container.logs(timestamps=True).decode("utf-8", "replace")
+        for line in text.splitlines():
+            stamp, _, message = line.partition(" ")
+            stamped.append((stamp, f"{name:<9}| {message}"))
+    return [line for _, line in sorted(stamped, key=lambda pair: pair[0])]
