@@ -6,6 +6,7 @@ Every image, container and network the lab creates has the label ``org.lab.manag
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -14,7 +15,9 @@ if TYPE_CHECKING:
 
 MANAGED_LABEL = "org.lab.managed"
 LABELS = {MANAGED_LABEL: "true"}
-PROJECT = "lab"  # the compose project name (also COMPOSE_PROJECT_NAME in .env)
+# The compose project name (also COMPOSE_PROJECT_NAME in .env); LAB_PROJECT runs a second lab
+# beside the first (the tests do).
+PROJECT = os.environ.get("LAB_PROJECT") or "lab"
 
 
 class LabError(Exception):
