@@ -8,7 +8,8 @@ STAMP := $(VENV)/.installed-stamp
 # Host tools the tests use as real peers (socat and nc as clients, gcc for the original C programs).
 HOST_TOOLS := socat nc gcc
 
-.PHONY: all venv host-tools test lint lab clean
+.PHONY: all venv host-tools test lint lab images transcript-local down clean
+DESIGN ?= iterative
 
 all: test
 
@@ -39,7 +40,20 @@ lint: venv
 	$(VENV)/bin/ruff format --check lab tests
 	$(VENV)/bin/mypy
 
+# The containerised lab: images built from nothing if missing (offline: debootstrap base, host
+# wheelhouse), the server and three clients up, their first session's transcript and a table.
 lab: venv
+	$(VENV)/bin/lab down >/dev/null
+	$(VENV)/bin/lab up --design $(DESIGN) --transcript
+
+images: venv
+	$(PY) -c 'from lab.orchestration.images import ensure_images; print(ensure_images(print))'
+
+down: venv
+	$(VENV)/bin/lab down
+
+# The original session on loopback for every design, no Docker needed.
+transcript-local: venv
 	scripts/transcript.sh
 
 clean:

@@ -56,14 +56,24 @@ def up(
     clients: Annotated[
         int, typer.Option(min=1, max=64, help="client containers", envvar="LAB_CLIENTS")
     ] = 3,
+    transcript: Annotated[
+        bool, typer.Option(help="wait for the clients' first exchanges, print the transcript")
+    ] = False,
 ) -> None:
     """Build the images if missing, start the server and the clients, wait until healthy."""
     from dataclasses import asdict
 
     from lab.orchestration import stack
 
-    with user_errors("lab up"), console.status("preparing the lab…") as status:
-        found = stack.up(design, clients, progress=lambda line: status.update(line[:100]))
+    with user_errors("lab up"):
+        with console.status("preparing the lab…") as status:
+            found = stack.up(design, clients, progress=lambda line: status.update(line[:100]))
+            if transcript:
+                status.update("waiting for the clients' first exchanges…")
+                stack.wait_for_introductions()
+        if transcript:
+            for line in stack.transcript():
+                typer.echo(line)
     console.print(_table([asdict(m) for m in found]))
     console.print("the transcript: `lab logs`; the statistics: `lab status`; stop: `lab down`")
 

@@ -129,6 +129,28 @@ def wait_healthy(
         time.sleep(0.5)
 
 
+def wait_for_introductions(
+    project: str = PROJECT, messages: int = 3, timeout: float = 60.0
+) -> None:
+    """Wait until every client has reported on each of its introductory exchanges (a success
+    or an error line), so a transcript shows the whole first session."""
+    engine = client()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pending = []
+        for container in containers(engine, project):
+            if _service(container) != "client":
+                continue
+            text = container.logs().decode("utf-8", "replace")
+            done = text.count("successfully received") + text.count("lab client: error")
+            if done < messages:
+                pending.append(container.name or container.short_id)
+        if not pending:
+            return
+        time.sleep(0.5)
+    raise LabError(f"clients still busy after {timeout:g} s: {', '.join(pending)} — see `lab logs`")
+
+
 def down(project: str = PROJECT) -> int:
     """Remove everything the lab started (containers, network); returns how many containers."""
     engine = client()
