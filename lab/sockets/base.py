@@ -314,8 +314,12 @@ class Server:
         self.log.line(self.stats_line())
 
     def handle_chld(self) -> None:
+        # Reap first, then read the report pipe: a child writes its record before it exits,
+        # so every record of a reaped child is in the pipe by now (the other order can see the
+        # exit but not yet the record, and count the connection twice).
+        ended = process.reap()
         self.collect()
-        for pid, status in process.reap():
+        for pid, status in ended:
             role = self.children.pop(pid, None)
             if role is not None:
                 self.child_exited(pid, status, role)

@@ -21,9 +21,12 @@ _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def die_with_parent(parent_pid: int, signum: int = signal.SIGTERM) -> None:
+def die_with_parent(parent_pid: int, signum: int = signal.SIGKILL) -> None:
     """Ask the kernel to send ``signum`` when the parent dies, so no worker outlives a server
-    that was SIGKILLed. The check after it covers a parent that died before the prctl()."""
+    that was SIGKILLed. SIGKILL, not SIGTERM: a worker would treat SIGTERM as "finish your
+    connection, then leave" and linger as an orphan holding the listening socket, so new
+    clients would connect to a server that is gone. The check after it covers a parent that
+    died before the prctl()."""
     _libc.prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0)
     if os.getppid() != parent_pid:
         os._exit(EXIT_PARENT_GONE)

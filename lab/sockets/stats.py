@@ -13,6 +13,7 @@ Record format, one line of ASCII: ``a PID`` (a worker accepted a connection) or
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -96,15 +97,17 @@ class ReportPipe:
 
     # -- child side --------------------------------------------------------------------
     def accepted(self) -> None:
-        os.write(self.write_fd, b"a %d\n" % os.getpid())
+        self._write(b"a %d\n" % os.getpid())
 
     def shed(self, count: int) -> None:
-        os.write(self.write_fd, b"s %d %d\n" % (os.getpid(), count))
+        self._write(b"s %d %d\n" % (os.getpid(), count))
 
     def ended(self, outcome: str, bytes_in: int, bytes_out: int) -> None:
-        os.write(
-            self.write_fd, b"d %d %s %d %d\n" % (os.getpid(), outcome.encode(), bytes_in, bytes_out)
-        )
+        self._write(b"d %d %s %d %d\n" % (os.getpid(), outcome.encode(), bytes_in, bytes_out))
+
+    def _write(self, record: bytes) -> None:
+        with contextlib.suppress(BrokenPipeError):  # the parent is gone: nobody to tell
+            os.write(self.write_fd, record)
 
     # -- parent side -------------------------------------------------------------------
     def opened(self, pid: int) -> None:

@@ -87,6 +87,7 @@ class SendmsgServer(PoolServer):
         return sum(1 for s in self.state.values() if s == "idle")
 
     def grow_if_needed(self) -> bool:
+        self.read_worker_messages()  # decide on what the workers said, not on stale state
         if self.queued > self.idle_workers() and len(self.workers) < self.config.pool_max:
             pid = self.spawn_worker()
             self.log.trace(f"{self.queued} queued, none idle: worker {pid} added to the pool")
@@ -232,6 +233,9 @@ class DescriptorWorker(PoolWorker):
                 return
             except (BlockingIOError, InterruptedError):
                 select.select([], [self.channel], [], 1.0)
+            except (BrokenPipeError, ConnectionRefusedError, ConnectionResetError):
+                # The server's end is closed: it died, and our death signal is on its way.
+                os._exit(process.EXIT_PARENT_GONE)
 
     def run(self) -> int:
         # EPOLLEXCLUSIVE: one idle worker wakes per message, not all (the thundering herd).
