@@ -402,13 +402,20 @@ def _retag_latest(engine: docker.DockerClient, ref: str) -> None:
         engine.images.get(ref).tag(repo, LATEST)
 
 
+# Builds of other source snapshots that are kept: a second checkout or a test session may be
+# using one of them right now (between its build and its `compose up`).
+KEEP_BUILDS = 3
+
+
 def _drop_stale(engine: docker.DockerClient, keep: str, progress: Progress) -> None:
-    """Untag lab:<hash> images of older inputs and drop leftover build stages (unless in use)."""
+    """Untag all but the newest KEEP_BUILDS lab:<hash> images (never ``keep``, never one a
+    container uses); removing an image also removes its untagged build layers."""
     from docker.errors import APIError
 
-    managed = {"label": f"{MANAGED_LABEL}=true"}
     # A fresh dict each time: images.list(name=…) adds a "reference" key to the one it gets.
-    for image in engine.images.list(name=LAB_REPO, filters=dict(managed)):
+    images = engine.images.list(name=LAB_REPO, filters={"label": f"{MANAGED_LABEL}=true"})
+    images.sort(key=lambda image: str(image.attrs.get("Created", "")), reverse=True)
+    for image in images[KEEP_BUILDS:]:
         for ref in image.tags:
             if ref.startswith(f"{LAB_REPO}:") and ref not in (keep, f"{LAB_REPO}:{LATEST}"):
                 try:
@@ -416,8 +423,6 @@ def _drop_stale(engine: docker.DockerClient, keep: str, progress: Progress) -> N
                     progress(f"removed the outdated image {ref}")
                 except APIError:
                     pass  # a container still uses it; `lab down` + remove_images() drop it
-    with contextlib.suppress(APIError):
-        engine.images.prune(filters={**managed, "dangling": True})
 
 
 def ensure_images(progress: Progress | None = None, force: bool = False) -> Images:
@@ -451,8 +456,8 @@ def _ensure_images(root: Path, engine: docker.DockerClient, say: Progress, force
             context = _build_context(snap, wheels, Path(tmp))
             _build_lab(engine, context, tag, base_ref, say)
             say(f"built {tag}")
+            _drop_stale(engine, tag, say)
     _retag_latest(engine, tag)
-    _drop_stale(engine, tag, say)
     return Images(base=base_ref, lab=tag)
 
 

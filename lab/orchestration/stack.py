@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -104,8 +105,14 @@ def up(
     env = {"LAB_IMAGE": images.lab, "LAB_DESIGN": design, **(extra_env or {})}
     if progress:
         progress(f"starting the server ({design}) and {clients} client(s) with {compose.version()}")
-    compose.run(["up", "-d", "--scale", f"client={clients}"], env=env, project=project)
-    wait_healthy(engine, project)
+    try:
+        compose.run(["up", "-d", "--scale", f"client={clients}"], env=env, project=project)
+        wait_healthy(engine, project)
+    except LabError:
+        # Leave nothing half-started behind (a created server, the network).
+        with contextlib.suppress(LabError):
+            compose.run(["down", "--remove-orphans", "--timeout", "5"], project=project)
+        raise
     return [member(c) for c in containers(engine, project)]
 
 
