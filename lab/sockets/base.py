@@ -373,13 +373,6 @@ class Server:
                     f"while serving {lost} connection(s)"
                 )
 
-    def inherited_fds(self) -> list[int]:
-        """Descriptors of the parent's that a forked child must close (all are close-on-exec,
-        but a fork without exec keeps them)."""
-        fds = [*self.signal_queue.fds(), self.report.read_fd, self.listener.fileno()]
-        fds += [self.health.fileno()] if self.health is not None else []
-        return fds + ([self.acceptor.spare] if self.acceptor.spare is not None else [])
-
     def collect(self) -> None:
         """Fold records from the processes that serve into the statistics."""
         self.report.drain(self.stats)

@@ -45,7 +45,7 @@ class PoolServer(Server):
         self.maintain_pool()
 
     def spawn_worker(self) -> int:
-        pid = process.fork(self.worker_main, close_fds=self.worker_closes())
+        pid = process.fork(self.worker_main, keep_fds=(self.report.write_fd, *self.worker_keeps()))
         self.children[pid] = "worker"
         self.log.trace(f"fork() is OK: worker {pid} started")
         return pid
@@ -54,9 +54,9 @@ class PoolServer(Server):
         """The worker's whole life; returns its exit code."""
         raise NotImplementedError
 
-    def worker_closes(self) -> list[int]:
-        """Parent descriptors a worker must not keep."""
-        return self.inherited_fds()
+    def worker_keeps(self) -> list[int]:
+        """The parent's descriptors a worker needs, besides the report pipe."""
+        raise NotImplementedError
 
     def maintain_pool(self) -> int:
         """Start workers until the pool has what it needs; returns how many were started."""

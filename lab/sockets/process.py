@@ -32,8 +32,13 @@ def die_with_parent(parent_pid: int, signum: int = signal.SIGKILL) -> None:
         os._exit(EXIT_PARENT_GONE)
 
 
-def fork(child: Callable[[], int], close_fds: Iterable[int] = ()) -> int:
+def fork(child: Callable[[], int], keep_fds: Iterable[int] = ()) -> int:
     """fork(); in the child run ``child()`` and end the process with its return value.
+
+    The child keeps stdin/stdout/stderr and ``keep_fds`` and closes every other descriptor it
+    inherited: a fork copies them all (close-on-exec does not apply without an exec), and a
+    copy of a connection left in a long-lived worker keeps that connection open — the client
+    waits for an EOF that only comes when the worker dies. A keep-list cannot forget one.
 
     All signals are blocked around fork() so that none is handled in the child while it still
     shares the parent's signal pipe; the child drops that pipe, takes default dispositions
@@ -56,8 +61,7 @@ def fork(child: Callable[[], int], close_fds: Iterable[int] = ()) -> int:
     code = EXIT_CRASHED
     try:
         signal.set_wakeup_fd(-1)
-        for fd in close_fds:
-            os.close(fd)
+        close_all_but(keep_fds)
         for signum in (signal.SIGTERM, signal.SIGCHLD, signal.SIGHUP):
             signal.signal(signum, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -73,6 +77,16 @@ def fork(child: Callable[[], int], close_fds: Iterable[int] = ()) -> int:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
+
+
+def close_all_but(keep: Iterable[int]) -> None:
+    """Close every descriptor from 3 up except ``keep`` (close_range(2) where available)."""
+    low = 3
+    for fd in sorted(set(keep)):
+        if fd >= low:
+            os.closerange(low, fd)
+            low = fd + 1
+    os.closerange(low, os.sysconf("SC_OPEN_MAX"))
 
 
 def reap() -> list[tuple[int, int]]:

@@ -32,7 +32,7 @@ class ForkServer(Server):
             return process.EXIT_OK
 
         try:
-            pid = process.fork(child, close_fds=self.inherited_fds())
+            pid = process.fork(child, keep_fds=(conn.fileno(), self.report.write_fd))
         except OSError as exc:
             if exc.errno not in (errno.EAGAIN, errno.ENOMEM):
                 raise

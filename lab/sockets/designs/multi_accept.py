@@ -44,9 +44,8 @@ class MultiAcceptServer(PoolServer):
     def accepting(self) -> bool:
         return False  # the workers accept; the parent only supervises
 
-    def worker_closes(self) -> list[int]:
-        keep = self.listener.fileno()
-        return [fd for fd in self.inherited_fds() if fd != keep]
+    def worker_keeps(self) -> list[int]:
+        return [self.listener.fileno()]
 
     def worker_main(self) -> int:
         return AcceptWorker(self.listener, self.config, self.report, self.log).run()

@@ -74,8 +74,8 @@ class SendmsgServer(PoolServer):
         self.state[pid] = "idle"  # counted idle from birth: it will take what is queued
         return pid
 
-    def worker_closes(self) -> list[int]:
-        return [*self.inherited_fds(), self.channel.fileno()]
+    def worker_keeps(self) -> list[int]:
+        return [self.worker_end.fileno()]
 
     def worker_main(self) -> int:
         worker = DescriptorWorker(
@@ -168,9 +168,9 @@ class SendmsgServer(PoolServer):
         # when the worker is reaped only if it said "B" first; the queue estimate may drift up
         # by one, which at worst starts one worker too many)
 
-    def handle_chld(self) -> None:
-        self.read_worker_messages()  # "B"/"R" sent before a worker exited count first
-        super().handle_chld()
+    def collect(self) -> None:
+        super().collect()
+        self.read_worker_messages()  # a reaped worker's "B"/"R" count before its exit does
 
     def tick(self) -> None:
         super().tick()
