@@ -16,6 +16,7 @@ Every failure a user can meet is a :class:`LabError` whose one line names the fi
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import importlib.util
 import json
@@ -436,8 +437,23 @@ def ensure_images(progress: Progress | None = None, force: bool = False) -> Imag
     say: Progress = progress if progress is not None else (lambda _line: None)
     root = repo_root()
     engine = client()
-    with _engine_errors("building the lab's images"):
+    with _engine_errors("building the lab's images"), _build_lock(root, say):
         return _ensure_images(root, engine, say, force)
+
+
+@contextlib.contextmanager
+def _build_lock(root: Path, say: Progress) -> Iterator[None]:
+    """One build at a time per checkout: two (a `lab up` and a test session, say) would share
+    the wheelhouse and could tidy away each other's images mid-build."""
+    lock_path = root / "build" / ".images.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with lock_path.open("w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            say("another build of the lab's images is running here: waiting for it")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def _ensure_images(root: Path, engine: docker.DockerClient, say: Progress, force: bool) -> Images:

@@ -172,13 +172,17 @@ def server_stats(engine: docker.DockerClient, project: str = PROJECT) -> dict[st
     server = server_container(engine, project)
     if server.status != "running":
         return None
-    since = int(time.time()) - 1
+
+    def stats_lines() -> list[str]:
+        text = server.logs(stdout=True, stderr=False, tail=200).decode("utf-8", "replace")
+        return [line for line in text.splitlines() if line.startswith('{"event": "stats"')]
+
+    before = stats_lines()
     server.kill(signal="SIGUSR1")
     deadline = time.monotonic() + STATS_TIMEOUT
     while time.monotonic() < deadline:
-        text = server.logs(since=since, stdout=True, stderr=False).decode("utf-8", "replace")
-        lines = [line for line in text.splitlines() if line.startswith('{"event": "stats"')]
-        if lines:
+        lines = stats_lines()
+        if lines and lines != before:  # a new line: the answer to this signal
             stats: dict[str, Any] = json.loads(lines[-1])
             return stats
         time.sleep(0.2)

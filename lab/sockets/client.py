@@ -32,8 +32,9 @@ from __future__ import annotations
 
 import socket
 import sys
+import threading
 from dataclasses import dataclass
-from typing import ClassVar, TextIO
+from typing import Any, ClassVar, TextIO
 
 __all__ = [
     "DEFAULT_MESSAGE",
@@ -213,12 +214,35 @@ def _hostport(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def _resolve(host: str, port: int, timeout: float) -> list[Any]:
+    """getaddrinfo bounded by ``timeout``: the resolver's own retries can take ten seconds
+    for a name that has gone (a stopped container), and getaddrinfo takes no timeout. It runs
+    in a daemon thread; a lookup still running past the timeout is abandoned."""
+    result: list[Any] = []
+    failure: list[BaseException] = []
+
+    def lookup() -> None:
+        try:
+            result.extend(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+        except BaseException as exc:  # handed to the caller below
+            failure.append(exc)
+
+    worker = threading.Thread(target=lookup, daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if failure:
+        raise failure[0]
+    if worker.is_alive():
+        raise socket.gaierror(socket.EAI_AGAIN, f"no answer within {timeout:g} s")
+    return result
+
+
 def _connect(
     host: str, port: int, timeout: float, where: str
 ) -> tuple[socket.socket, tuple[str, int]]:
     """Try every address ``getaddrinfo`` gives, in its order; return the first that connects."""
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        infos = _resolve(host, port, timeout)
     except socket.gaierror as exc:
         raise NameNotFoundError(
             f"cannot resolve host {host!r} ({exc.strerror}) — check the spelling, "
@@ -321,8 +345,8 @@ def _receive_echo(sock: socket.socket, expected: bytes, where: str, timeout: flo
     if expected.startswith(got):
         raise MismatchError(
             f"short echo: the server closed the connection after {len(got)} of "
-            f"{len(expected)} bytes (all {matched} matched) — does it echo the whole "
-            "message? (the original C server reads at most 100 bytes)",
+            f"{len(expected)} bytes (all {matched} matched) — it stopped or crashed, or it "
+            "does not echo the whole message (the original C server reads at most 100 bytes)",
             expected=expected,
             received=got,
         )

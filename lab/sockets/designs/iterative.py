@@ -3,7 +3,9 @@
 While it serves one client, the others wait in the listen backlog: their handshake is complete
 (the kernel did it), their data sits in the socket's receive buffer, and nobody answers until
 the current client closes. Beyond the backlog, Linux drops new SYNs and the clients' kernels
-retransmit them (after about 1, 3, 7 … s) — a delay, not a refusal.
+retransmit them (after about 1, 3, 7 … s) — a delay, not a refusal. (With SYN cookies on,
+net.ipv4.tcp_syncookies, an overloaded queue may instead answer with a cookie and reset the
+client later; the lab's server container turns them off.)
 """
 
 from __future__ import annotations
