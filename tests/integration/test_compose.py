@@ -153,6 +153,12 @@ def test_compose_lab_end_to_end(
     assert stats["health_probes"] >= 1, stats
     assert stats["failed"] == {}, stats
 
+    # -- lab up on a lab that is up: one line naming the fix, nothing touched ------------------
+    again = lab(project, "up")
+    assert again.returncode == 1, again
+    assert again.stderr.count("\n") == 1 and "already up" in again.stderr, again.stderr
+    assert "lab switch" in again.stderr and "Traceback" not in again.stderr + again.stdout
+
     # -- lab switch: only the server is recreated, with the new design ------------------------
     clients_before = {m["name"] for m in members if m["service"] == "client"}
     result = lab(project, "switch", "sendmsg")

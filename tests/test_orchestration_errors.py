@@ -1,0 +1,97 @@
+"""Every Docker-side mistake a user can make is one line naming the fix, a non-zero exit and no
+traceback — checked here without a working engine where the mistake is the missing engine."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from typer.testing import CliRunner
+
+from lab.cli.app import app
+from lab.orchestration import compose, engine
+
+runner = CliRunner()
+
+
+def one_line_error(result: object, *needles: str) -> None:
+    output = result.output  # type: ignore[attr-defined]
+    assert result.exit_code != 0, output  # type: ignore[attr-defined]
+    assert "Traceback" not in output
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert len(lines) == 1, output
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("command", [["status"], ["down"], ["switch", "fork"], ["up"]])
+def test_no_engine_is_one_line_naming_the_fix(
+    command: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DOCKER_HOST", "tcp://127.0.0.1:9")  # discard port: nothing listens
+    result = runner.invoke(app, command)
+    one_line_error(result, "cannot reach the Docker engine", "systemctl start docker")
+
+
+def test_engine_without_permission_is_one_line_naming_the_fix(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import docker
+    from docker.errors import DockerException
+
+    def refuse(**_: object) -> object:
+        raise DockerException(
+            "Error while fetching server API version: ('Connection aborted.', "
+            "PermissionError(13, 'Permission denied'))"
+        )
+
+    monkeypatch.setattr(docker, "from_env", refuse)
+    result = runner.invoke(app, ["status"])
+    one_line_error(result, "no permission", "docker group")
+
+
+@pytest.mark.parametrize(
+    ("compose_output", "fix"),
+    [
+        (
+            "ERROR: for server  Cannot start service server: driver failed programming external "
+            "connectivity: Bind for 127.0.0.1:12345 failed: port is already allocated",
+            "LAB_HOST_PORT",
+        ),
+        ("Error response from daemon: No such image: lab:0123456789ab", "lab up"),
+        (
+            "Got permission denied while trying to connect to the Docker daemon socket at "
+            "unix:///var/run/docker.sock",
+            "docker group",
+        ),
+        ("something else went wrong\nERROR: the real reason", "the real reason"),
+    ],
+)
+def test_compose_failures_become_one_line_naming_the_fix(compose_output: str, fix: str) -> None:
+    message = compose.explain_failure(compose_output)
+    assert "\n" not in message
+    assert fix in message, message
+
+
+def test_missing_compose_tool_names_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(compose.shutil, "which", lambda _name: None)
+    compose.tool.cache_clear()
+    try:
+        with pytest.raises(engine.LabError, match="apt-get install docker-compose"):
+            compose.tool()
+    finally:
+        compose.tool.cache_clear()
+
+
+def test_lab_not_up_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a reachable engine and no lab of this (unused) project: 'start it with lab up'."""
+    try:
+        engine.client()
+    except engine.LabError:
+        if os.environ.get("CI"):
+            pytest.fail("this test needs the Docker engine")
+        pytest.skip("needs a Docker engine (under CI=true this fails instead)")
+    from lab.orchestration import stack
+
+    with pytest.raises(engine.LabError, match="lab up"):
+        stack.status(project="labtest-never-started")
