@@ -165,6 +165,17 @@ def processes_in_group(pgid: int) -> list[int]:
     return members
 
 
+def recv_exactly(sock: socket.socket, n: int) -> bytes:
+    """Read until ``n`` bytes arrived or the peer closed (then fewer)."""
+    data = bytearray()
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return bytes(data)
+
+
 def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 

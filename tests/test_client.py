@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 import typer
 from cprograms import build
+from harness import recv_exactly
 from typer.testing import CliRunner, Result
 
 from lab.cli.client import client
@@ -35,16 +36,6 @@ Handler = Callable[[socket.socket, threading.Event], None]
 
 
 # --- helpers: loopback servers ----------------------------------------------------------------
-
-
-def recv_exactly(conn: socket.socket, n: int) -> bytes:
-    data = bytearray()
-    while len(data) < n:
-        chunk = conn.recv(n - len(data))
-        if not chunk:
-            break
-        data += chunk
-    return bytes(data)
 
 
 def drain_until_eof(conn: socket.socket) -> None:

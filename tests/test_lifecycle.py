@@ -32,6 +32,7 @@ from harness import (
     cpu_seconds,
     echo_once,
     fd_count,
+    recv_exactly,
     wait_until,
     zombies_of,
 )
@@ -61,16 +62,6 @@ ONE_AT_A_TIME = {
 
 def connect(port: int) -> socket.socket:
     return socket.create_connection(("127.0.0.1", port), timeout=GUARD)
-
-
-def recv_exactly(sock: socket.socket, n: int) -> bytes:
-    data = bytearray()
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        if not chunk:
-            break
-        data += chunk
-    return bytes(data)
 
 
 def recv_to_eof(sock: socket.socket) -> bytes:

@@ -30,6 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from harness import wait_until
 from testcontainers.core.container import DockerContainer
 from testcontainers.core.network import Network
 from testcontainers.core.wait_strategies import ExecWaitStrategy, LogMessageWaitStrategy
@@ -61,16 +62,6 @@ TIMEOUT_EXIT_CODES = (124, 137)
 def run_labels(**extra: str) -> dict[str, str]:
     """The labels every object of this test run carries (plus ``extra``)."""
     return {**LABELS, RUN_LABEL: RUN_ID, **extra}
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.25) -> bool:
-    """Poll until ``predicate()`` is true or ``timeout`` passes (a bound, not a measurement)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
 
 
 def container_logs(container: Container) -> str:
