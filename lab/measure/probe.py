@@ -1,0 +1,174 @@
+"""What a server costs, read from outside it: CPU time, memory, listen-queue overflows, and the
+change in its own statistics over a run.
+
+Two sources of CPU and memory, one answer each:
+
+* a local server: its process tree in ``/proc``. CPU is user + system time of every live process
+  of the tree *plus* the children's time the kernel added to a parent when it reaped them
+  (``cutime``/``cstime``) — so fork/spawn children that already ended still count, and children
+  still running count too. Memory is the tree's summed RSS, sampled (there is no peak counter for
+  a set of processes);
+* a container: its cgroup. v2 has ``cpu.stat`` (``usage_usec``) and ``memory.current`` (and on
+  newer kernels ``memory.peak``); v1 has ``cpuacct.usage`` (ns) and ``memory.usage_in_bytes``
+  with ``memory.max_usage_in_bytes`` as its peak. Where no peak counter exists, sample.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ReadFile = Callable[[str], str | None]  # path → contents, or None when it does not exist
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+
+# -- a local process tree -------------------------------------------------------------------------
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text[text.rindex(")") + 2 :].split()  # from field 3 (state) on
+
+
+def process_tree(root: int) -> list[int]:
+    """``root`` and every live process below it."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            fields = _stat_fields(int(entry))
+            if fields is not None:
+                children.setdefault(int(fields[1]), []).append(int(entry))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(children.get(pid, []))
+    return tree
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """User + system CPU of the tree, reaped children included (see the module docstring)."""
+    ticks = 0
+    for pid in process_tree(root):
+        fields = _stat_fields(pid)
+        if fields is not None:  # utime, stime, cutime, cstime are fields 14–17
+            ticks += sum(int(value) for value in fields[11:15])
+    return ticks / _CLOCK_TICKS
+
+
+def tree_rss_bytes(root: int) -> int:
+    total = 0
+    for pid in process_tree(root):
+        fields = _stat_fields(pid)
+        if fields is not None:
+            total += int(fields[21]) * _PAGE_SIZE  # rss, in pages: field 24
+    return total
+
+
+# -- a container's cgroup -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CgroupReading:
+    cpu_seconds: float
+    memory_bytes: int
+    memory_peak_bytes: int | None  # None: this cgroup keeps no peak; sample memory_bytes
+
+
+def read_cgroup(read: ReadFile, root: str = "/sys/fs/cgroup") -> CgroupReading:
+    """The container's own cgroup as seen from inside it (v2 unified, or v1 controllers)."""
+    v2_cpu = read(f"{root}/cpu.stat")
+    if v2_cpu is not None:
+        usage = _keyed(v2_cpu).get("usage_usec", 0)
+        current = int((read(f"{root}/memory.current") or "0").strip() or 0)
+        peak = read(f"{root}/memory.peak")
+        return CgroupReading(usage / 1e6, current, int(peak) if peak and peak.strip() else None)
+    v1_cpu = read(f"{root}/cpuacct/cpuacct.usage")
+    if v1_cpu is None:
+        raise FileNotFoundError("no cgroup v1 or v2 CPU accounting found under " + root)
+    current = int((read(f"{root}/memory/memory.usage_in_bytes") or "0").strip() or 0)
+    peak = read(f"{root}/memory/memory.max_usage_in_bytes")
+    return CgroupReading(int(v1_cpu) / 1e9, current, int(peak) if peak and peak.strip() else None)
+
+
+def _keyed(text: str) -> dict[str, int]:
+    pairs = (line.split() for line in text.splitlines())
+    return {p[0]: int(p[1]) for p in pairs if len(p) == 2 and p[1].isdigit()}
+
+
+# -- the kernel's listen-queue overflows ----------------------------------------------------------
+def listen_overflows(netstat: str) -> int:
+    """``TcpExt: ListenOverflows`` from /proc/net/netstat (per network namespace): SYNs or
+    completed handshakes dropped because a listen queue was full."""
+    lines = netstat.splitlines()
+    for header, values in zip(lines[::2], lines[1::2], strict=False):
+        if header.startswith("TcpExt:"):
+            table = dict(zip(header.split()[1:], values.split()[1:], strict=False))
+            return int(table.get("ListenOverflows", 0))
+    return 0
+
+
+# -- the server's own statistics ------------------------------------------------------------------
+def stats_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """What happened between two statistics lines of one server: counters subtracted, failure
+    reasons and per-worker connection counts subtracted key by key."""
+    delta: dict[str, Any] = {"design": after.get("design")}
+    for key in ("accepted", "completed", "shed", "bytes_in", "bytes_out", "health_probes"):
+        delta[key] = int(after.get(key, 0)) - int(before.get(key, 0))
+    for key in ("failed", "per_worker"):
+        change = Counter(after.get(key) or {})
+        change.subtract(before.get(key) or {})
+        delta[key] = {k: v for k, v in sorted(change.items()) if v}
+    delta["workers_alive"] = after.get("workers_alive")
+    return delta
+
+
+# -- sampling where there is no peak counter ------------------------------------------------------
+@dataclass
+class Sampler:
+    """Calls ``measure`` every ``interval`` seconds in a thread; keeps the peak and the mean."""
+
+    measure: Callable[[], int]
+    interval: float = 0.1
+    peak: int = 0
+    samples: list[int] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def __enter__(self) -> Sampler:
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                value = self.measure()
+            except (OSError, ValueError):
+                value = 0
+            self.samples.append(value)
+            self.peak = max(self.peak, value)
+            self._stop.wait(self.interval)
+
+    @property
+    def mean(self) -> float:
+        return sum(self.samples) / len(self.samples) if self.samples else 0.0
+
+
+def local_file(path: str) -> str | None:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return None
+
