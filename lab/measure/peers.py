@@ -1,0 +1,161 @@
+"""Peers: servers from outside the lab, measured beside its designs in the same run.
+
+* ``threading`` — the standard library's ``socketserver.ThreadingTCPServer``: a thread per
+  connection (Stevens' claim 7, "threads are cheaper than processes", is answered with it);
+* ``forking`` — ``socketserver.ForkingTCPServer``: a fork per connection, the library's way;
+* ``socat`` — ``socat TCP-LISTEN:…,fork EXEC:cat``: a fork *and an exec of cat* per connection,
+  the classic inetd-style cost in C.
+
+``python -m lab.measure.peers NAME [--host H] [--port P] [--backlog B]`` runs one and prints the
+same ``ready design=peer-NAME … port=N pid=N`` line as the lab's servers; SIGTERM stops it and
+prints a statistics line (a peer counts less than a design: what it cannot see is left out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import socketserver
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+
+BUFFER_SIZE = 64 * 1024
+
+
+class EchoHandler(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        conn: socket.socket = self.request
+        while data := conn.recv(BUFFER_SIZE):
+            conn.sendall(data)
+
+
+def _stats(name: str, accepted: int | None) -> str:
+    record: dict[str, object] = {"event": "stats", "design": f"peer-{name}", "pid": os.getpid()}
+    if accepted is not None:
+        record["accepted"] = accepted
+    return json.dumps(record, separators=(", ", ": "))
+
+
+def _ready(name: str, host: str, port: int, backlog: int) -> None:
+    print(
+        f"ready design=peer-{name} address={host} port={port} pid={os.getpid()} backlog={backlog}",
+        flush=True,
+    )
+
+
+def run_socketserver(name: str, host: str, port: int, backlog: int) -> int:
+    base: type[socketserver.TCPServer] = (
+        socketserver.ThreadingTCPServer if name == "threading" else socketserver.ForkingTCPServer
+    )
+
+    class Server(base):  # type: ignore[valid-type,misc]
+        allow_reuse_address = True
+        request_queue_size = backlog  # the listen backlog, as the designs' --backlog
+        daemon_threads = True
+        block_on_close = False
+        accepted = 0
+
+        def process_request(self, request: object, client_address: object) -> None:
+            Server.accepted += 1
+            super().process_request(request, client_address)
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    Server.address_family = family
+    with Server((host, port), EchoHandler) as server:
+        _ready(name, host, server.server_address[1], backlog)
+
+        def stop(signum: int, frame: FrameType | None) -> None:
+            raise SystemExit(0)  # unwinds serve_forever() in the main thread
+
+        def usr1(signum: int, frame: FrameType | None) -> None:
+            print(_stats(name, Server.accepted), flush=True)
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGUSR1, usr1)
+        with contextlib.suppress(SystemExit):
+            server.serve_forever(poll_interval=0.5)
+        print(_stats(name, Server.accepted), flush=True)
+    return 0
+
+
+def _listening(port: int) -> bool:
+    """Whether some socket listens on ``port`` (from /proc: connecting would start a cat)."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                return True
+    return False
+
+
+def run_socat(host: str, port: int, backlog: int) -> int:
+    program = shutil.which("socat")
+    if program is None:
+        print(
+            "lab peers: error: socat is not installed (Debian: apt-get install socat)",
+            file=sys.stderr,
+        )
+        return 2
+    if port == 0:
+        with socket.socket() as probe:  # socat cannot report the port it was given: pick one
+            probe.bind((host, 0))
+            port = probe.getsockname()[1]
+    family = "TCP6" if ":" in host else "TCP4"
+    child = subprocess.Popen(
+        [
+            program,
+            f"{family}-LISTEN:{port},bind={host},reuseaddr,fork,backlog={backlog}",
+            "EXEC:cat",
+        ]
+    )
+    signal.signal(signal.SIGTERM, lambda *_: child.terminate())
+    signal.signal(signal.SIGINT, lambda *_: child.terminate())
+    signal.signal(signal.SIGUSR1, lambda *_: print(_stats("socat", None), flush=True))
+    deadline = time.monotonic() + 10
+    while not _listening(port):
+        if child.poll() is not None or time.monotonic() > deadline:
+            print(f"lab peers: error: socat did not listen on {host}:{port}", file=sys.stderr)
+            child.kill()
+            return 3
+        time.sleep(0.02)
+    _ready("socat", host, port, backlog)
+    child.wait()
+    print(_stats("socat", None), flush=True)
+    return 0
+
+
+PEERS = {
+    "threading": "socketserver.ThreadingTCPServer: a thread per connection",
+    "forking": "socketserver.ForkingTCPServer: fork() per connection",
+    "socat": "socat TCP-LISTEN,fork EXEC:cat: fork() and exec(cat) per connection",
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lab.measure.peers")
+    parser.add_argument("peer", choices=sorted(PEERS))
+    parser.add_argument("--host", default=os.environ.get("LAB_HOST") or "0.0.0.0")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("LAB_PORT") or 12345))
+    parser.add_argument("--backlog", type=int, default=int(os.environ.get("LAB_BACKLOG") or 128))
+    args = parser.parse_args(argv)
+    if args.peer == "socat":
+        return run_socat(args.host, args.port, args.backlog)
+    return run_socketserver(args.peer, args.host, args.port, args.backlog)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
