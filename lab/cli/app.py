@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from lab.cli import client, designs, serve, stack
+from lab.cli import bench, client, designs, load, serve, stack
 
 app = typer.Typer(
     name="lab",
@@ -27,6 +27,8 @@ app.command("status")(stack.status)
 app.command("logs")(stack.logs)
 app.command("switch")(stack.switch)
 app.command("exec-client")(stack.exec_client)
+app.command("load")(load.load)
+app.command("bench")(bench.bench)
 
 
 def main() -> None:

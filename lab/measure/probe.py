@@ -171,4 +171,3 @@ def local_file(path: str) -> str | None:
         return Path(path).read_text()
     except OSError:
         return None
-

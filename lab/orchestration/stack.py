@@ -204,11 +204,11 @@ def status(project: str = PROJECT) -> dict[str, Any]:
     }
 
 
-def switch(design: str, project: str = PROJECT) -> Member:
+def switch(design: str, project: str = PROJECT, extra_env: dict[str, str] | None = None) -> Member:
     """Recreate only the server with another design; clients keep running."""
     engine = client()
     current = member(server_container(engine, project))
-    env = {"LAB_IMAGE": current.image, "LAB_DESIGN": design}
+    env = {"LAB_IMAGE": current.image, "LAB_DESIGN": design, **(extra_env or {})}
     compose.run(["up", "-d", "--no-deps", "--force-recreate", "server"], env=env, project=project)
     wait_healthy(engine, project)
     return member(server_container(engine, project))

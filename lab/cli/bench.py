@@ -1,0 +1,166 @@
+"""``lab bench``: one design (or peer) under load, and what it cost the server.
+
+Runs on the containerised lab by default (server container + every client container as a
+loader), or with ``--local`` as local processes on loopback (no Docker). The work is
+:func:`lab.measure.bench.bench`; this module picks the backend, shows progress, prints a table
+(or ``--json``).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from lab.cli.errors import user_errors
+
+console = Console(width=None if sys.stdout.isatty() else 160, stderr=False)
+
+
+def bench(
+    design: Annotated[
+        str,
+        typer.Option(
+            help="a design, or a peer: peer-threading, peer-forking, peer-socat",
+            envvar="LAB_DESIGN",
+        ),
+    ] = "iterative",
+    workload: Annotated[
+        str, typer.Option(help="connect-per-request or persistent")
+    ] = "connect-per-request",
+    concurrency: Annotated[int, typer.Option(min=1, help="connections in flight, in all")] = 8,
+    duration: Annotated[float, typer.Option(min=0.1, help="measured seconds")] = 5.0,
+    warmup: Annotated[float, typer.Option(min=0.0, help="seconds before measuring")] = 1.0,
+    size: Annotated[str, typer.Option(help="message size: 49, 1k, 64k …")] = "49",
+    per_connection: Annotated[
+        int | None, typer.Option(help="persistent: messages per connection")
+    ] = None,
+    rate: Annotated[
+        float | None, typer.Option(help="open loop: requests per second, in all")
+    ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(min=1, help="pool size (equal for fair comparisons)", envvar="LAB_WORKERS"),
+    ] = None,
+    processes: Annotated[
+        int | None, typer.Option(min=1, help="loader processes per loader host")
+    ] = None,
+    local: Annotated[bool, typer.Option(help="local processes on loopback, no Docker")] = False,
+    pin: Annotated[
+        bool, typer.Option(help="--local: the server on core 0, the loaders on core 1")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON for machines")] = False,
+) -> None:
+    """Load one design (or peer) and measure it: throughput, latency, server CPU and memory."""
+    result = _bench(
+        design,
+        workload,
+        concurrency,
+        duration,
+        warmup,
+        size,
+        per_connection,
+        rate,
+        workers,
+        processes,
+        local,
+        pin,
+    )
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+    else:
+        console.print(result_table([result]))
+
+
+def _bench(
+    design: str,
+    workload: str,
+    concurrency: int,
+    duration: float,
+    warmup: float,
+    size: str,
+    per_connection: int | None,
+    rate: float | None,
+    workers: int | None,
+    processes: int | None,
+    local: bool,
+    pin: bool,
+) -> dict[str, Any]:
+    from lab.measure.bench import BenchError, LocalBackend, ServerSpec, bench
+    from lab.measure.config import make_config
+    from lab.measure.errors import LoadError
+    from lab.sockets.designs import DESIGNS
+
+    with user_errors("lab bench"):
+        spec = ServerSpec(design, ("--workers", str(workers)) if workers else ())
+        if design not in DESIGNS and spec.peer is None:
+            raise typer.BadParameter(
+                f"unknown design {design!r}: choose one of {', '.join(DESIGNS)}, "
+                "peer-threading, peer-forking, peer-socat"
+            )
+        try:
+            config = make_config(
+                "127.0.0.1",
+                port=1,
+                workload=workload,
+                per_connection=per_connection,
+                size=size,
+                concurrency=concurrency,
+                rate=rate,
+                duration=duration,
+                warmup=warmup,
+                processes=processes or (1 if local else None),
+            )
+            with console.status(f"benchmarking {design}…"):
+                if local:
+                    backend: Any = LocalBackend(pin=pin)
+                else:
+                    from lab.orchestration.bench import DockerBackend
+
+                    backend = DockerBackend()
+                return bench(backend, spec, config).to_dict()
+        except (BenchError, LoadError) as exc:
+            typer.echo(f"lab bench: error: {exc}", err=True)
+            raise typer.Exit(1) from None
+
+
+def result_table(results: list[dict[str, Any]]) -> Table:
+    table = Table(
+        "design",
+        "backend",
+        "req/s",
+        "p50 µs",
+        "p99 µs",
+        "p99.9 µs",
+        "max µs",
+        "errors",
+        "starved",
+        "server CPU ms/req",
+        "server MiB",
+        "overflows",
+        "per-worker",
+        "loader-bound",
+    )
+    for r in results:
+        load, server = r["load"], r["server"]
+        latency = load["latency_us"]
+        per_1000 = server["cpu_s_per_1000"]
+        per_worker = sorted((server["stats"].get("per_worker") or {}).values(), reverse=True)
+        table.add_row(
+            r["design"],
+            r["backend"],
+            f"{load['throughput_rps']:,.0f}",
+            *(f"{latency.get(k, 0):,}" for k in ("p50", "p99", "p99.9", "max")),
+            str(load["errors_total"]),
+            str(load["starved"]["connections"]),
+            "-" if per_1000 is None else f"{per_1000:.3f}",
+            f"{server['memory_peak_bytes'] / 2**20:.1f}",
+            str(server["listen_overflows"]),
+            " ".join(map(str, per_worker)) or "-",
+            "LOADER-BOUND" if load["loader_bound"] else "no",
+        )
+    return table

@@ -1,0 +1,54 @@
+"""A tiny containerised bench: the server in its container, load from every client container
+at one start time, the cost read from the server's cgroup — every field present."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+from collections.abc import Iterator
+
+import pytest
+from containers import remove_project
+
+from lab.measure.bench import ServerSpec, bench
+from lab.measure.config import make_config
+from lab.orchestration import compose
+from lab.orchestration.bench import DockerBackend
+from lab.orchestration.engine import LabError
+
+
+@pytest.fixture
+def bench_project(
+    compose_project: str, lab_image: str, docker_engine: object, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[str]:
+    with socket.socket() as probe:  # not the user's 12345
+        probe.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("LAB_HOST_PORT", str(probe.getsockname()[1]))
+    try:
+        yield compose_project
+    finally:
+        with contextlib.suppress(LabError):
+            compose.run(["down", "--remove-orphans", "--timeout", "0"], project=compose_project)
+        remove_project(docker_engine, compose_project)  # type: ignore[arg-type]
+
+
+@pytest.mark.timeout(600)
+def test_containerised_bench_merges_every_client_and_reads_the_cgroup(bench_project: str) -> None:
+    backend = DockerBackend(project=bench_project, clients=2)
+    config = make_config("bakawali", concurrency=4, duration=1.0, warmup=0.3, processes=1)
+    spec = ServerSpec("multi-accept", ("--workers", "2"))
+    result = bench(backend, spec, config).to_dict()
+
+    load, server = result["load"], result["server"]
+    assert result["backend"] == "docker" and result["design"] == "multi-accept"
+    assert load["parts"] == 2  # one result per client container, merged
+    assert load["requests"] > 0 and load["errors_total"] == 0
+    assert load["latency_us"]["p99"] > 0 and load["histogram"]
+    assert server["cpu_s"] > 0 and server["cpu_s_per_1000"] > 0
+    assert server["memory_peak_bytes"] > 0
+    stats = server["stats"]
+    assert stats["design"] == "multi-accept" and stats["failed"] == {}
+    assert len(stats["per_worker"]) == 2
+    assert sum(stats["per_worker"].values()) == stats["completed"] >= load["requests"]
+    # the health probes are counted apart, never as connections
+    assert stats["health_probes"] >= 0
