@@ -42,9 +42,12 @@ lint: venv
 
 # The containerised lab: images built from nothing if missing (offline: debootstrap base, host
 # wheelhouse), the server and three clients up, their first session's transcript and a table.
+# Then every design and peer compared on it (lab compare --quick, a few minutes): the report's
+# folder and its summary table close the output.
 lab: venv
 	$(VENV)/bin/lab down >/dev/null
 	$(VENV)/bin/lab up --design $(DESIGN) --transcript
+	$(VENV)/bin/lab compare --quick
 
 images: venv
 	$(PY) -c 'from lab.orchestration.images import ensure_images; print(ensure_images(print))'

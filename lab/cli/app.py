@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from lab.cli import bench, client, designs, load, serve, stack
+from lab.cli import bench, client, compare, designs, load, serve, stack
 
 app = typer.Typer(
     name="lab",
@@ -29,6 +29,8 @@ app.command("switch")(stack.switch)
 app.command("exec-client")(stack.exec_client)
 app.command("load")(load.load)
 app.command("bench")(bench.bench)
+app.command("compare")(compare.compare)
+app.command("report")(compare.report)
 
 
 def main() -> None:

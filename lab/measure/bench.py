@@ -99,7 +99,8 @@ class Backend(Protocol):
 
     def load(self, config: LoadConfig) -> LoadResult: ...
 
-    def stop(self) -> None: ...
+    def stop(self) -> None:
+        """After one run (a backend may keep the server for the next; see ``close``)."""
 
 
 def bench(backend: Backend, server: ServerSpec, config: LoadConfig) -> BenchResult:
@@ -172,15 +173,16 @@ class LocalBackend:
             # --pin: the server (and every process it starts) on core 0, the loaders on core 1
             preexec_fn=(lambda: os.sched_setaffinity(0, {0})) if self.pin else None,
         )
-        threading.Thread(target=self._read, daemon=True).start()
-        line = self._wait_for(_READY, READY_TIMEOUT, 0)
+        start = len(self.lines)  # a backend serves a whole sweep: skip earlier servers' lines
+        threading.Thread(target=self._read, args=(self.proc,), daemon=True).start()
+        line = self._wait_for(_READY, READY_TIMEOUT, start)
         match = _READY.search(line)
         assert match is not None
         return "127.0.0.1", int(match.group(3))
 
-    def _read(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
-        for line in self.proc.stdout:
+    def _read(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
             with self._cond:
                 self.lines.append(line.rstrip("\n"))
                 self._cond.notify_all()

@@ -4,6 +4,7 @@ its container's cgroup and network namespace."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -14,14 +15,30 @@ from lab.measure.bench import BenchError, ServerSpec
 from lab.measure.config import LoadConfig
 from lab.measure.result import LoadResult, merge
 from lab.orchestration import stack
-from lab.orchestration.engine import PROJECT, LabError, client
+from lab.orchestration.compose import PROJECT_LABEL, SERVICE_LABEL
+from lab.orchestration.engine import LABELS, PROJECT, LabError, client
 
 if TYPE_CHECKING:
     from docker.models.containers import Container
 
 SERVER_HOST = "bakawali"
 SERVER_PORT = 12345
-START_LEAD = 3.0  # seconds between sending the loaders off and their shared start time
+START_LEAD = 2.0  # seconds between sending the loaders off and their shared start time
+
+
+def describe() -> dict[str, Any]:
+    """What a containerised run records of its environment: engine, compose, image."""
+    from lab.orchestration import compose
+    from lab.orchestration.images import ensure_images
+
+    engine = client()
+    images = ensure_images()
+    return {
+        "docker": engine.version().get("Version"),
+        "compose": compose.version(),
+        "image": images.lab,
+        "image_id": engine.images.get(images.lab).id,
+    }
 
 
 def options_env(options: tuple[str, ...]) -> dict[str, str]:
@@ -84,22 +101,83 @@ class DockerBackend:
         self.project = project
         self.clients = clients
         self.engine = client()
+        self.peer: Container | None = None
+        self.peer_name = ""
+        self._current: tuple[str, dict[str, str]] | None = None  # design and env now running
 
     # -- the server ---------------------------------------------------------------------------
     def start(self, server: ServerSpec) -> tuple[str, int]:
-        if server.peer:
-            raise BenchError(
-                f"peers run with --local for now: `lab bench --local --design {server.design}`"
-            )
+        """Reuse what already runs when it is what is asked for (a sweep runs one design many
+        times); otherwise switch the server (or put a peer in its place)."""
         env = {"LAB_TRACE": "0", **options_env(server.options)}  # tracing would be measured
+        if server.peer:
+            if self.peer is None or self.peer_name != server.peer:
+                self._remove_peer()
+                self._start_peer(server.peer)
+            return SERVER_HOST, SERVER_PORT
+        self._remove_peer()
         running = [c for c in stack.containers(self.engine, self.project) if c.status == "running"]
-        if running:
-            stack.switch(server.design, self.project, extra_env=env)
-        else:
+        if not running:
             stack.up(server.design, self.clients, project=self.project, extra_env=env)
+        elif self._current != (server.design, env) or not self._server_running():
+            stack.switch(server.design, self.project, extra_env=env)
+        self._current = (server.design, env)
         return SERVER_HOST, SERVER_PORT
 
+    def _server_running(self) -> bool:
+        return stack.server_container(self.engine, self.project).status == "running"
+
+    def _start_peer(self, peer: str) -> None:
+        """A peer takes the server's place: the compose server stops, and the peer runs in a
+        container of the same image, hardening and network, under the alias ``bakawali``.
+        The next design's start recreates the compose server."""
+        running = [c for c in stack.containers(self.engine, self.project) if c.status == "running"]
+        if not running:
+            stack.up("iterative", self.clients, project=self.project)
+        server = stack.server_container(self.engine, self.project)
+        image = str(server.attrs["Config"]["Image"])
+        network = next(iter(server.attrs["NetworkSettings"]["Networks"]))
+        server.stop(timeout=20)
+        container = self.engine.containers.create(
+            image,
+            ["python3", "-m", "lab.measure.peers", peer, "--port", str(SERVER_PORT)],
+            name=f"{self.project}_peer_{peer}",
+            hostname=SERVER_HOST,
+            init=True,
+            labels={
+                **LABELS,
+                "org.lab.role": "peer",
+                PROJECT_LABEL: self.project,
+                SERVICE_LABEL: "peer",
+            },
+            cap_drop=["ALL"],
+            read_only=True,
+            tmpfs={"/tmp": ""},
+            security_opt=["no-new-privileges:true"],
+            pids_limit=1200,
+            sysctls={"net.ipv4.tcp_syncookies": "0"},
+        )
+        self.engine.networks.get(network).connect(container, aliases=[SERVER_HOST])
+        container.start()
+        self.peer, self.peer_name = container, peer
+        self._current = None  # the compose server is stopped: a design must switch it back
+        deadline = time.monotonic() + 30
+        while b"ready design=" not in container.logs():
+            container.reload()
+            if container.status == "exited" or time.monotonic() > deadline:
+                self._remove_peer()
+                raise LabError(f"the peer {peer} did not start in its container")
+            time.sleep(0.2)
+
+    def _remove_peer(self) -> None:
+        if self.peer is not None:
+            with contextlib.suppress(Exception):  # already gone is fine
+                self.peer.remove(force=True)
+            self.peer = None
+
     def _server(self) -> Container:
+        if self.peer is not None:
+            return self.peer
         return stack.server_container(self.engine, self.project)
 
     def _read(self, path: str) -> str | None:
@@ -110,6 +188,8 @@ class DockerBackend:
         return output.decode()
 
     def stats(self) -> dict[str, Any] | None:
+        if self.peer is not None:
+            return None  # a peer keeps no statistics of ours
         return stack.server_stats(self.engine, self.project)
 
     def cpu_seconds(self) -> float:
@@ -122,7 +202,11 @@ class DockerBackend:
         return probe.listen_overflows(self._read("/proc/net/netstat") or "")
 
     def stop(self) -> None:
-        """The lab stays up for the next run (`lab down` removes it)."""
+        """Nothing: the next run may reuse what runs (`close` ends a sweep)."""
+
+    def close(self) -> None:
+        """After a sweep: a peer's container goes; the lab stays up (`lab down` removes it)."""
+        self._remove_peer()
 
     # -- the loaders ----------------------------------------------------------------------------
     def load(self, config: LoadConfig) -> LoadResult:

@@ -52,3 +52,22 @@ def test_containerised_bench_merges_every_client_and_reads_the_cgroup(bench_proj
     assert sum(stats["per_worker"].values()) == stats["completed"] >= load["requests"]
     # the health probes are counted apart, never as connections
     assert stats["health_probes"] >= 0
+
+
+@pytest.mark.timeout(600)
+def test_containerised_bench_runs_a_peer_in_the_servers_place_and_restores_it(
+    bench_project: str,
+) -> None:
+    backend = DockerBackend(project=bench_project, clients=2)
+    config = make_config("bakawali", concurrency=2, duration=0.5, warmup=0.2, processes=1)
+    peer = bench(backend, ServerSpec("peer-threading"), config).to_dict()
+    assert peer["design"] == "peer-threading" and peer["load"]["requests"] > 0
+    assert peer["load"]["errors_total"] == 0 and peer["server"]["cpu_s_per_1000"] > 0
+    assert peer["server"]["stats"] == {}  # a peer keeps no statistics of ours
+    design = bench(backend, ServerSpec("fork"), config).to_dict()  # a design takes over …
+    assert backend.peer is None  # … the peer's container is gone
+    assert design["server"]["stats"]["design"] == "fork"
+    assert design["load"]["errors_total"] == 0
+    again = bench(backend, ServerSpec("fork"), config).to_dict()  # the same: reused, not
+    assert again["server"]["stats"]["accepted"] > 0  # restarted (its counters go on)
+    backend.close()

@@ -1,0 +1,186 @@
+"""``lab compare`` (the sweep, the report) and ``lab report`` (render again, or compare runs)."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from lab.cli.errors import user_errors
+
+console = Console(width=None if sys.stdout.isatty() else 160)
+
+
+def _csv(text: str | None) -> list[str] | None:
+    return [item.strip() for item in text.split(",") if item.strip()] if text else None
+
+
+def compare(
+    designs: Annotated[
+        str | None, typer.Option(help="comma-separated (default: every design, variant, peer)")
+    ] = None,
+    quick: Annotated[bool, typer.Option(help="all designs in a few minutes: 1 repeat")] = False,
+    local: Annotated[bool, typer.Option(help="local processes on loopback, no Docker")] = False,
+    concurrency: Annotated[str | None, typer.Option(help="sweep, e.g. 1,8,64,256")] = None,
+    repeats: Annotated[int | None, typer.Option(min=1, help="runs per cell")] = None,
+    duration: Annotated[float | None, typer.Option(min=0.1, help="measured seconds")] = None,
+    workers: Annotated[
+        int, typer.Option(min=1, help="workers of every pool design", envvar="LAB_WORKERS")
+    ] = 2,
+    out: Annotated[Path, typer.Option(help="results folder", envvar="LAB_RESULTS")] = Path(
+        "results"
+    ),
+) -> None:
+    """Every design × both workloads × a concurrency sweep, repeated; then the report."""
+    from lab.measure import compare as sweep
+    from lab.measure.bench import BenchError, LocalBackend
+
+    with user_errors("lab compare"):
+        try:
+            names = _csv(designs) or sweep.all_servers()
+            sweep.check_servers(names)
+            matrix = (
+                sweep.quick_matrix(names, workers)
+                if quick
+                else sweep.Matrix(names, workers=workers)
+            )
+            if concurrency:
+                matrix.concurrency = [int(c) for c in concurrency.split(",")]
+            if repeats:
+                matrix.repeats = repeats
+            if duration:
+                matrix.duration = duration
+        except ValueError:
+            raise typer.BadParameter("--concurrency: give numbers, e.g. 1,8,64") from None
+        except BenchError as exc:
+            raise typer.BadParameter(str(exc)) from None
+        extra: dict[str, Any] = {"docker": None, "compose": None, "image": None}
+        if local:
+
+            def make_backend() -> Any:
+                return LocalBackend()
+        else:
+            from lab.orchestration.bench import DockerBackend, describe
+
+            extra = describe()
+
+            def make_backend() -> Any:
+                return DockerBackend()
+
+        command = shlex.join(
+            [
+                "lab",
+                "compare",
+                "--designs",
+                ",".join(matrix.designs),
+                "--concurrency",
+                ",".join(map(str, matrix.concurrency)),
+                "--repeats",
+                str(matrix.repeats),
+                "--duration",
+                str(matrix.duration),
+                "--workers",
+                str(matrix.workers),
+                *(["--quick"] if quick else []),
+                *(["--local"] if local else []),
+            ]
+        )
+        with console.status("comparing…") as status:
+            results = sweep.compare(
+                make_backend,
+                matrix,
+                progress=lambda line: status.update(line),
+                environment=sweep.environment(Path.cwd(), extra),
+                command=command,
+                quick=quick,
+            )
+            path = sweep.save(results, out)
+        _render(path.parent)
+
+
+def report(
+    folder: Annotated[Path | None, typer.Argument(help="a folder `lab compare` wrote")] = None,
+    compare_runs: Annotated[
+        tuple[str, str] | None, typer.Option("--compare", help="RUN_A RUN_B: what changed")
+    ] = None,
+    out: Annotated[Path, typer.Option(help="results folder", envvar="LAB_RESULTS")] = Path(
+        "results"
+    ),
+) -> None:
+    """Render a report again from saved results, or show what changed between two runs."""
+    with user_errors("lab report"):
+        if compare_runs is not None:
+            _changes(out / "lab.sqlite", *compare_runs)
+            return
+        if folder is None:
+            raise typer.BadParameter("give a results folder, or --compare RUN_A RUN_B")
+        _render(folder)
+
+
+def _render(folder: Path) -> None:
+    from lab.measure import compare as sweep
+    from lab.measure.bench import BenchError
+    from lab.measure.report import render, summary_table
+
+    try:
+        results = sweep.load(folder)
+    except BenchError as exc:
+        typer.echo(f"lab report: error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    try:
+        path = render(results, folder if folder.is_dir() else folder.parent)
+    except ValueError as exc:  # a histogram that is not ours: the file was edited or damaged
+        typer.echo(f"lab report: error: {folder}: {exc} — rerun `lab compare`", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(summary_table(results))
+    typer.echo(f"\nthe report: {os.path.relpath(path)}")
+
+
+def _changes(db: Path, run_a: str, run_b: str) -> None:
+    from lab.measure import compare as sweep
+    from lab.measure.bench import BenchError
+
+    try:
+        rows = sweep.changes(db, run_a, run_b)
+    except BenchError as exc:
+        typer.echo(f"lab report: error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    table = Table(
+        "design",
+        "workload",
+        "conc.",
+        f"req/s {run_a}",
+        f"req/s {run_b}",
+        "×",
+        "CPU ms/req A",
+        "CPU ms/req B",
+        "×",
+    )
+    for row in rows:
+        rps, cpu = row["throughput_rps"], row["cpu_ms_per_request"]
+        table.add_row(
+            row["design"],
+            row["workload"],
+            str(row["concurrency"]),
+            _num(rps["a"]),
+            _num(rps["b"]),
+            _ratio(rps["ratio"]),
+            _num(cpu["a"], 3),
+            _num(cpu["b"], 3),
+            _ratio(cpu["ratio"]),
+        )
+    console.print(table)
+
+
+def _num(value: float | None, digits: int = 0) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"

@@ -1,0 +1,423 @@
+"""The claims the lab tests, judged against a ``lab compare`` run.
+
+Each claim compares aggregated cells (:mod:`lab.measure.report`). "Clearly" means the spreads
+(min–max over repeats) do not overlap; overlapping spreads give ``inconclusive``. A single run
+has no spread: it still gets a verdict, and the evidence says "single run". A design missing
+from the run, with every run failed, or loader-bound gives ``inconclusive`` with the reason.
+
+Per concurrency a comparison gives a verdict; a claim's verdict combines them: any
+``does not hold`` → does not hold; all ``holds`` → holds; otherwise inconclusive.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from lab.measure.report import CONNECT_PER_REQUEST, Cell, Spread, aggregate, cells_for
+
+__all__ = ["BACKLOG", "HOLDS", "INCONCLUSIVE", "NOT_HOLDS", "Claim", "Verdict", "evaluate"]
+
+Verdict = Literal["holds", "does not hold", "inconclusive"]
+HOLDS: Verdict = "holds"
+NOT_HOLDS: Verdict = "does not hold"
+INCONCLUSIVE: Verdict = "inconclusive"
+
+#: The iterative design's listen backlog.
+BACKLOG = 5
+#: A delay this long (µs) is a SYN retransmission, not service time.
+SYN_DELAY_US = 1_000_000
+#: sendmsg stays unhindered if its throughput at the highest concurrency is this share of its best.
+UNHINDERED_SHARE = 0.8
+#: Stevens: pools cut per-connection CPU by this factor against fork-per-connection.
+POOL_FACTOR = 10.0
+
+POOLS = ("multi-accept", "sendmsg")
+FOUR = ("iterative", "spawn", "sendmsg", "multi-accept")
+
+
+@dataclass(frozen=True)
+class Claim:
+    number: int
+    statement: str
+    source: str
+    measurement: str
+    verdict: Verdict
+    evidence: str
+
+
+def _combine(verdicts: Iterable[Verdict]) -> Verdict:
+    found = list(verdicts)
+    if NOT_HOLDS in found:
+        return NOT_HOLDS
+    if found and all(v == HOLDS for v in found):
+        return HOLDS
+    return INCONCLUSIVE
+
+
+def _single(*spreads: Spread | None) -> str:
+    return " (single run)" if any(s is not None and s.n == 1 for s in spreads) else ""
+
+
+def _fmt(spread: Spread | None, digits: int = 3) -> str:
+    return spread.format(digits) if spread is not None else "—"
+
+
+def _missing(cells: Sequence[Cell], designs: Sequence[str], workload: str) -> list[str]:
+    """Why some of ``designs`` cannot be compared under ``workload`` at all."""
+    reasons = []
+    for design in designs:
+        mine = cells_for(cells, design, workload)
+        if not mine:
+            reasons.append(f"{design} did not run {workload}")
+        elif not any(c.usable for c in mine.values()):
+            reasons.append("; ".join(c.why_unusable() for c in mine.values()))
+    return reasons
+
+
+def _pairwise(
+    cells: Sequence[Cell],
+    a: str,
+    others: Sequence[str],
+    judge: Callable[[Cell, Sequence[Cell]], tuple[Verdict, str]],
+    workload: str = CONNECT_PER_REQUEST,
+) -> tuple[Verdict, list[str]]:
+    """Judge ``a`` against ``others`` at every concurrency where ``a`` and some other design
+    are usable; the combined verdict and one line per concurrency."""
+    mine = cells_for(cells, a, workload)
+    theirs = [cells_for(cells, o, workload) for o in others]
+    verdicts: list[Verdict] = []
+    lines: list[str] = []
+    for concurrency in sorted(mine):
+        cell = mine[concurrency]
+        rivals = [t[concurrency] for t in theirs if concurrency in t and t[concurrency].usable]
+        if not cell.usable or not rivals:
+            continue
+        verdict, line = judge(cell, rivals)
+        verdicts.append(verdict)
+        lines.append(f"c={concurrency}: {line} → {verdict}")
+    return _combine(verdicts), lines
+
+
+def _lines(lines: Sequence[str], limit: int = 2) -> str:
+    """At most ``limit`` lines: the last (highest concurrency) ones, and how many were left."""
+    if len(lines) <= limit:
+        return "\n".join(lines)
+    shown = list(lines[-limit:])
+    shown[0] = f"(+{len(lines) - limit} lower concurrencies) {shown[0]}"
+    return "\n".join(shown)
+
+
+def _no_data(reasons: Sequence[str], default: str) -> str:
+    return "no comparable data: " + ("; ".join(reasons) if reasons else default)
+
+
+# --- the claims ----------------------------------------------------------------------------------
+
+
+def _iterative(cells: Sequence[Cell]) -> Claim:
+    claim = (
+        1,
+        "iterative: while one client is served the others wait; beyond the backlog (5) new "
+        "connections are delayed by SYN retransmits or time out, not refused, and listen "
+        "overflows rise",
+        "docs/designs/iterative.md; listen(2)",
+        f"iterative at concurrency > {BACKLOG + 1}: listen overflows, refused connects, "
+        "p99/max latency, connect timeouts",
+    )
+    beyond = sorted(
+        (c for c in cells if c.design == "iterative" and c.concurrency > BACKLOG + 1 and c.runs),
+        key=lambda c: (c.workload == CONNECT_PER_REQUEST, c.concurrency),
+    )
+    if not beyond:
+        return Claim(
+            *claim, INCONCLUSIVE, f"no measured iterative run beyond the backlog ({BACKLOG})"
+        )
+    refused, holding, overflowing, lines = [], [], [], []
+    for cell in beyond:
+        timeouts = cell.errors.get("connect_timeout", 0)
+        p99 = cell.latency.get("p99")
+        worst = cell.pooled.get("max", 0)
+        delayed = (p99 is not None and p99.high >= SYN_DELAY_US) or worst >= SYN_DELAY_US
+        line = (
+            f"{cell.workload} c={cell.concurrency}: overflows {cell.listen_overflows:,}, "
+            f"refused {cell.errors.get('refused', 0):,}, connect timeouts {timeouts:,}, "
+            f"p99 {_fmt(p99, 0)} µs, max {worst:,} µs" + (" (single run)" if cell.runs == 1 else "")
+        )
+        lines.append(line)
+        if cell.errors.get("refused", 0):
+            refused.append(line)
+        elif cell.listen_overflows and (delayed or timeouts):
+            holding.append(line)
+        elif cell.listen_overflows:
+            overflowing.append(line)
+    if refused:
+        return Claim(*claim, NOT_HOLDS, refused[-1] + " — connections were refused")
+    if holding:
+        return Claim(*claim, HOLDS, holding[-1] + " — delayed, not refused")
+    if overflowing:
+        return Claim(
+            *claim, INCONCLUSIVE, overflowing[-1] + " — overflows but no delay ≥ 1 s or timeout"
+        )
+    return Claim(*claim, NOT_HOLDS, lines[-1] + " — no listen overflow beyond the backlog")
+
+
+def _cpu(cell: Cell) -> Spread | None:
+    return cell.cpu_s_per_1000
+
+
+def _tp(cell: Cell) -> Spread | None:
+    return cell.throughput
+
+
+def _spawn(cells: Sequence[Cell]) -> Claim:
+    claim = (
+        2,
+        "spawn: creating a process per connection costs performance",
+        "docs/designs/spawn.md",
+        "server CPU ms per request, spawn vs the pools (multi-accept, sendmsg), "
+        "connect-per-request at equal concurrency; spawn+cat vs spawn",
+    )
+
+    def judge(spawn: Cell, pools: Sequence[Cell]) -> tuple[Verdict, str]:
+        mine = _cpu(spawn)
+        theirs = [(p.design, _cpu(p)) for p in pools]
+        theirs_ = [(d, s) for d, s in theirs if s is not None]
+        if mine is None or not theirs_:
+            return INCONCLUSIVE, "no CPU per request"
+        text = f"spawn {_fmt(mine)} vs " + ", ".join(f"{d} {_fmt(s)}" for d, s in theirs_)
+        text += _single(mine, *(s for _, s in theirs_))
+        if all(mine.above(s) for _, s in theirs_):
+            return HOLDS, text
+        if any(mine.below(s) for _, s in theirs_):
+            return NOT_HOLDS, text
+        return INCONCLUSIVE, text + " (spreads overlap)"
+
+    verdict, lines = _pairwise(cells, "spawn", POOLS, judge)
+    if not lines:
+        reasons = _missing(cells, ("spawn",), CONNECT_PER_REQUEST)
+        if len(_missing(cells, POOLS, CONNECT_PER_REQUEST)) == len(POOLS):
+            reasons += _missing(cells, POOLS, CONNECT_PER_REQUEST)
+        return Claim(*claim, INCONCLUSIVE, _no_data(reasons, "no common concurrency"))
+    evidence = _lines(lines, 1)
+    spawn = cells_for(cells, "spawn", CONNECT_PER_REQUEST)
+    cat = cells_for(cells, "spawn+cat", CONNECT_PER_REQUEST)
+    common = [c for c in sorted(spawn) if c in cat and spawn[c].usable and cat[c].usable]
+    if common:
+        s, k = _cpu(spawn[common[-1]]), _cpu(cat[common[-1]])
+        if s is not None and k is not None and s.median > 0:
+            evidence += (
+                f"\nc={common[-1]}: spawn+cat {_fmt(k)} vs spawn {_fmt(s)} ms/req: the process "
+                f"alone (cat) costs {k.median / s.median:.0%} of spawning the interpreter"
+            )
+    return Claim(*claim, verdict, evidence)
+
+
+def _sendmsg(cells: Sequence[Cell]) -> Claim:
+    claim = (
+        3,
+        "sendmsg: the server stays unhindered during heavy activity",
+        "docs/designs/sendmsg.md",
+        f"sendmsg connect-per-request throughput at the highest concurrency vs its best "
+        f"(≥ {UNHINDERED_SHARE:.0%}); connections shed",
+    )
+    mine = cells_for(cells, "sendmsg", CONNECT_PER_REQUEST)
+    usable = {c: cell for c, cell in mine.items() if cell.usable}
+    if not mine or max(mine) not in usable or len(usable) < 2:
+        reasons = [mine[max(mine)].why_unusable()] if mine and max(mine) not in usable else []
+        return Claim(
+            *claim,
+            INCONCLUSIVE,
+            _no_data(
+                reasons or _missing(cells, ("sendmsg",), CONNECT_PER_REQUEST),
+                "fewer than two usable concurrencies",
+            ),
+        )
+    top = usable[max(usable)]
+    best = max(usable.values(), key=lambda c: c.throughput.median if c.throughput else 0.0)
+    assert top.throughput is not None and best.throughput is not None
+    floor = UNHINDERED_SHARE * best.throughput.median
+    share = top.throughput.median / best.throughput.median if best.throughput.median else 0.0
+    if top.throughput.low >= floor:
+        verdict = HOLDS
+    elif top.throughput.high < floor:
+        verdict = NOT_HOLDS
+    else:
+        verdict = INCONCLUSIVE
+    shed = sum(c.shed for c in mine.values())
+    evidence = (
+        f"c={top.concurrency} {_fmt(top.throughput, 0)} req/s = {share:.0%} of its best "
+        f"{_fmt(best.throughput, 0)} at c={best.concurrency}{_single(top.throughput)}"
+        f"\nshed {top.shed:,} at c={top.concurrency} ({shed:,} over all concurrencies), "
+        f"errors {top.errors_total:,}"
+    )
+    return Claim(*claim, verdict, evidence)
+
+
+def _multi_accept(cells: Sequence[Cell]) -> Claim:
+    claim = (
+        4,
+        "multi-accept has the best performance of the four (iterative, spawn, sendmsg, "
+        "multi-accept)",
+        "docs/designs/multi-accept.md",
+        "connect-per-request throughput and server CPU per request at each concurrency",
+    )
+    others = [d for d in FOUR if d != "multi-accept"]
+
+    def judge(ma: Cell, rivals: Sequence[Cell]) -> tuple[Verdict, str]:
+        tp, cpu = _tp(ma), _cpu(ma)
+        beaten: list[str] = []
+        unclear: list[str] = []
+        for rival in rivals:
+            rtp, rcpu = _tp(rival), _cpu(rival)
+            if tp is None or rtp is None or cpu is None or rcpu is None:
+                unclear.append(f"{rival.design} (no data)")
+                continue
+            rival_better = rtp.above(tp) or rcpu.below(cpu)
+            rival_worse = rtp.below(tp) or rcpu.above(cpu)
+            if rival_better and not rival_worse:
+                beaten.append(f"{rival.design} {_fmt(rtp, 0)} req/s, {_fmt(rcpu)} ms/req")
+            elif rival_better:
+                unclear.append(
+                    f"{rival.design} (trade-off: {_fmt(rtp, 0)} req/s, {_fmt(rcpu)} ms/req)"
+                )
+            elif not (tp.above(rtp) and cpu.below(rcpu)):
+                unclear.append(f"{rival.design} (spreads overlap)")
+        missing = len(others) - len(rivals)
+        head = f"multi-accept {_fmt(tp, 0)} req/s, {_fmt(cpu)} ms/req" + _single(tp, cpu)
+        if beaten:
+            return NOT_HOLDS, head + "; clearly better: " + ", ".join(beaten)
+        if unclear:
+            return INCONCLUSIVE, head + "; not clearly better than " + ", ".join(unclear)
+        if missing:
+            return INCONCLUSIVE, head + f"; best of {len(rivals) + 1}, {missing} not comparable"
+        return HOLDS, head + "; best of the four on both"
+
+    verdict, lines = _pairwise(cells, "multi-accept", others, judge)
+    if not lines:
+        reasons = _missing(cells, ("multi-accept", *others), CONNECT_PER_REQUEST)
+        return Claim(*claim, INCONCLUSIVE, _no_data(reasons, "no common concurrency"))
+    return Claim(*claim, verdict, _lines(lines))
+
+
+def _factor(cells: Sequence[Cell]) -> Claim:
+    claim = (
+        5,
+        f"pools cut per-connection CPU by a factor of {POOL_FACTOR:g} or more vs "
+        "fork-per-connection",
+        "Stevens, UNIX Network Programming vol. 1, ch. 30",
+        "server CPU per request: fork ÷ the best pool (multi-accept, sendmsg), connect-per-request",
+    )
+
+    def judge(fork: Cell, pools: Sequence[Cell]) -> tuple[Verdict, str]:
+        f = _cpu(fork)
+        cpus = [(p.design, _cpu(p)) for p in pools]
+        present = [(d, s) for d, s in cpus if s is not None and s.median > 0 and s.low > 0]
+        if f is None or not present:
+            return INCONCLUSIVE, "no CPU per request"
+        design, best = min(present, key=lambda item: item[1].median)
+        factor = f.median / best.median
+        low, high = f.low / best.high, f.high / best.low
+        text = (
+            f"fork {_fmt(f)} ÷ {design} {_fmt(best)} ms/req = ×{factor:.1f} "
+            f"(range ×{low:.1f}–×{high:.1f}){_single(f, best)}"
+        )
+        if low >= POOL_FACTOR:
+            return HOLDS, text
+        if high < POOL_FACTOR:
+            return NOT_HOLDS, text
+        return INCONCLUSIVE, text + " (range straddles the factor)"
+
+    verdict, lines = _pairwise(cells, "fork", POOLS, judge)
+    if not lines:
+        reasons = _missing(cells, ("fork", *POOLS), CONNECT_PER_REQUEST)
+        return Claim(*claim, INCONCLUSIVE, _no_data(reasons, "no common concurrency"))
+    return Claim(*claim, verdict, _lines(lines))
+
+
+def _head_to_head(
+    number: int,
+    statement: str,
+    source: str,
+    a: str,
+    b: str,
+    throughput: bool,
+) -> Callable[[Sequence[Cell]], Claim]:
+    """``a`` beats ``b``: clearly lower CPU per request (and clearly higher throughput if
+    ``throughput``) → holds; ``b`` clearly better on one and not clearly worse on the other →
+    does not hold; a trade-off or overlapping spreads → inconclusive."""
+    measurement = (
+        f"{a} vs {b}, connect-per-request: "
+        + ("throughput and " if throughput else "")
+        + "server CPU per request"
+    )
+
+    def evaluate(cells: Sequence[Cell]) -> Claim:
+        def judge(cell: Cell, rivals: Sequence[Cell]) -> tuple[Verdict, str]:
+            rival = rivals[0]
+            cpu, rcpu = _cpu(cell), _cpu(rival)
+            if cpu is None or rcpu is None:
+                return INCONCLUSIVE, "no CPU per request"
+            text = f"CPU {a} {_fmt(cpu)} vs {b} {_fmt(rcpu)} ms/req"
+            better = [cpu.below(rcpu)]
+            worse = [cpu.above(rcpu)]
+            tp, rtp = _tp(cell), _tp(rival)
+            if throughput and tp is not None and rtp is not None:
+                text += f"; {_fmt(tp, 0)} vs {_fmt(rtp, 0)} req/s"
+                better.append(tp.above(rtp))
+                worse.append(tp.below(rtp))
+            text += _single(cpu, rcpu)
+            if any(worse) and any(better):
+                return INCONCLUSIVE, text + " (a trade-off)"
+            if any(worse):
+                return NOT_HOLDS, text
+            if all(better):
+                return HOLDS, text
+            return INCONCLUSIVE, text + " (spreads overlap)"
+
+        verdict, lines = _pairwise(cells, a, (b,), judge)
+        if not lines:
+            reasons = _missing(cells, (a, b), CONNECT_PER_REQUEST)
+            return Claim(
+                number,
+                statement,
+                source,
+                measurement,
+                INCONCLUSIVE,
+                _no_data(reasons, "no common concurrency"),
+            )
+        return Claim(number, statement, source, measurement, verdict, _lines(lines))
+
+    return evaluate
+
+
+_CLAIMS: tuple[Callable[[Sequence[Cell]], Claim], ...] = (
+    _iterative,
+    _spawn,
+    _sendmsg,
+    _multi_accept,
+    _factor,
+    _head_to_head(
+        6,
+        "all workers calling accept beats passing descriptors",
+        "Stevens, UNIX Network Programming vol. 1, ch. 30",
+        "multi-accept",
+        "sendmsg",
+        throughput=True,
+    ),
+    _head_to_head(
+        7,
+        "threads are cheaper than processes",
+        "Stevens, UNIX Network Programming vol. 1, ch. 30",
+        "peer-threading",
+        "peer-forking",
+        throughput=False,
+    ),
+)
+
+
+def evaluate(results: Mapping[str, Any]) -> list[Claim]:
+    """The seven claims, each with its verdict on ``results`` (a ``results.json``)."""
+    cells = aggregate(results)
+    return [judge(cells) for judge in _CLAIMS]

@@ -1,0 +1,296 @@
+"""``lab compare``: every design (and peer) × workloads × a concurrency sweep, repeated — the
+data the report and its claims are made of.
+
+A run's results go to ``OUT/<run id>/results.json`` (schema: docs/results-schema.md) and are
+appended to ``OUT/lab.sqlite``, so two runs can be compared later (:func:`changes`). Every run
+records its environment and the exact command that reproduces it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import sqlite3
+import statistics
+import subprocess
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lab.measure.bench import Backend, BenchError, ServerSpec, bench
+from lab.measure.config import make_config
+from lab.measure.errors import LoadError
+from lab.measure.peers import PEERS
+from lab.sockets.designs import DESIGNS
+
+SCHEMA = "lab.compare/1"
+POOL_DESIGNS = ("sendmsg", "multi-accept")
+# Variants: a design run with other options, reported as its own row.
+VARIANTS = {"spawn+cat": ("spawn", ("--worker-cmd", "cat"))}
+PEER_NAMES = tuple(f"peer-{name}" for name in sorted(PEERS))
+SYSCTLS = (
+    "net.core.somaxconn",
+    "net.ipv4.tcp_tw_reuse",
+    "net.ipv4.ip_local_port_range",
+    "net.ipv4.tcp_syncookies",
+)
+
+
+@dataclass
+class Matrix:
+    designs: list[str]
+    workloads: list[str] = field(default_factory=lambda: ["connect-per-request", "persistent"])
+    concurrency: list[int] = field(default_factory=lambda: [1, 8, 64, 256])
+    repeats: int = 3
+    duration: float = 5.0
+    warmup: float = 1.0
+    workers: int = 2  # every pool design gets the same number, so comparisons are fair
+    per_connection: int = 10
+    size: int = 49
+
+
+def all_servers() -> list[str]:
+    return [*DESIGNS, *VARIANTS, *PEER_NAMES]
+
+
+def quick_matrix(designs: list[str], workers: int) -> Matrix:
+    """All designs in a few minutes: one repeat, short runs, three concurrencies."""
+    return Matrix(
+        designs, concurrency=[1, 8, 32], repeats=1, duration=1.0, warmup=0.3, workers=workers
+    )
+
+
+def server_spec(name: str, workers: int) -> ServerSpec:
+    if name in VARIANTS:
+        design, options = VARIANTS[name]
+        return ServerSpec(design, options)
+    if name in POOL_DESIGNS:
+        return ServerSpec(name, ("--workers", str(workers)))
+    return ServerSpec(name)
+
+
+def check_servers(names: list[str]) -> None:
+    unknown = [n for n in names if n not in all_servers()]
+    if unknown:
+        raise BenchError(f"unknown design {unknown[0]!r}: choose from {', '.join(all_servers())}")
+
+
+def run_id(now: datetime.datetime | None = None) -> str:
+    return (now or datetime.datetime.now(datetime.UTC)).strftime("%Y%m%d-%H%M%S")
+
+
+def compare(
+    make_backend: Callable[[], Backend],
+    matrix: Matrix,
+    progress: Callable[[str], None] = lambda _line: None,
+    environment: dict[str, Any] | None = None,
+    command: str = "",
+    quick: bool = False,
+) -> dict[str, Any]:
+    """Run the matrix; a run that fails is kept with its one-line error, the sweep goes on."""
+    check_servers(matrix.designs)
+    runs: list[dict[str, Any]] = []
+    backend = make_backend()  # one for the sweep: it may keep a server running between runs
+    total = len(matrix.designs) * len(matrix.workloads) * len(matrix.concurrency) * matrix.repeats
+    done = 0
+    for repeat in range(matrix.repeats):
+        for name in matrix.designs:
+            for workload in matrix.workloads:
+                for concurrency in matrix.concurrency:
+                    done += 1
+                    progress(
+                        f"[{done}/{total}] {name} {workload} ×{concurrency} (repeat {repeat + 1})"
+                    )
+                    entry: dict[str, Any] = {
+                        "design": name,
+                        "workload": workload,
+                        "concurrency": concurrency,
+                        "repeat": repeat,
+                    }
+                    spec = server_spec(name, matrix.workers)
+                    try:
+                        config = make_config(
+                            "127.0.0.1",
+                            port=1,
+                            workload=workload,
+                            per_connection=matrix.per_connection
+                            if workload == "persistent"
+                            else None,
+                            size=matrix.size,
+                            concurrency=concurrency,
+                            duration=matrix.duration,
+                            warmup=matrix.warmup,
+                        )
+                        result = bench(backend, spec, config).to_dict()
+                        result["design"] = name  # the variant's name, not its base design
+                        entry.update(result)
+                    except (BenchError, LoadError, OSError) as exc:
+                        entry.update(
+                            backend=backend.name,
+                            server_options=list(spec.options),
+                            error=str(exc).splitlines()[0] if str(exc) else repr(exc),
+                        )
+                    runs.append(entry)
+    close = getattr(backend, "close", None)
+    if close is not None:
+        close()
+    return {
+        "schema": SCHEMA,
+        "run_id": run_id(),
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "backend": backend.name,
+        "quick": quick,
+        "command": command,
+        "environment": environment or {},
+        "matrix": asdict(matrix),
+        "runs": runs,
+    }
+
+
+# -- the environment a run records -----------------------------------------------------------------
+def environment(root: Path | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    sysctls: dict[str, str | None] = {}
+    for name in SYSCTLS:
+        try:
+            sysctls[name] = Path("/proc/sys", *name.split(".")).read_text().strip()
+        except OSError:
+            sysctls[name] = None
+    return {
+        "kernel": platform.release(),
+        "machine": platform.machine(),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "sysctls": sysctls,
+        "git_commit": _git_commit(root),
+        "designs": {
+            name: {"default_backlog": design.default_backlog} for name, design in DESIGNS.items()
+        },
+        **(extra or {}),
+    }
+
+
+def _git_commit(root: Path | None) -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=10,
+    ).stdout.strip()
+    return out.stdout.strip() + ("+dirty" if dirty else "")
+
+
+# -- saving, and the history -------------------------------------------------------------------
+def save(results: dict[str, Any], out: Path) -> Path:
+    folder = out / str(results["run_id"])
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "results.json"
+    path.write_text(json.dumps(results, indent=1) + "\n")
+    store(results, out / "lab.sqlite")
+    return path
+
+
+def load(path: Path) -> dict[str, Any]:
+    """A results.json (or the folder holding it)."""
+    if path.is_dir():
+        path = path / "results.json"
+    try:
+        data: dict[str, Any] = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise BenchError(f"cannot read {path}: {exc} — give a folder `lab compare` wrote") from None
+    if data.get("schema") != SCHEMA:
+        raise BenchError(f"{path} is not a `lab compare` result (schema {data.get('schema')!r})")
+    return data
+
+
+_TABLE = """CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT, created TEXT, backend TEXT, design TEXT, workload TEXT, concurrency INTEGER,
+    repeat INTEGER, throughput_rps REAL, p99_us REAL, cpu_ms_per_request REAL, errors INTEGER,
+    error TEXT, environment TEXT, run TEXT)"""
+
+
+def store(results: dict[str, Any], db: Path) -> None:
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with sqlite3.connect(db) as conn:
+        conn.execute(_TABLE)
+        conn.execute("DELETE FROM runs WHERE run_id = ?", (results["run_id"],))
+        for run in results["runs"]:
+            load_ = run.get("load") or {}
+            server = run.get("server") or {}
+            conn.execute(
+                "INSERT INTO runs VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    results["run_id"],
+                    results["created"],
+                    results["backend"],
+                    run["design"],
+                    run["workload"],
+                    run["concurrency"],
+                    run["repeat"],
+                    load_.get("throughput_rps"),
+                    (load_.get("latency_us") or {}).get("p99"),
+                    server.get("cpu_s_per_1000"),
+                    load_.get("errors_total"),
+                    run.get("error"),
+                    json.dumps(results["environment"]),
+                    json.dumps(run),
+                ),
+            )
+
+
+def run_ids(db: Path) -> list[str]:
+    if not db.exists():
+        return []
+    with sqlite3.connect(db) as conn:
+        return [row[0] for row in conn.execute("SELECT DISTINCT run_id FROM runs ORDER BY 1")]
+
+
+def changes(db: Path, run_a: str, run_b: str) -> list[dict[str, Any]]:
+    """Per (design, workload, concurrency): medians of run A and run B and B/A, for throughput,
+    p99 and server CPU per request."""
+    known = run_ids(db)
+    for run in (run_a, run_b):
+        if run not in known:
+            raise BenchError(f"no run {run!r} in {db}: known runs are {', '.join(known) or 'none'}")
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute(
+            "SELECT run_id, design, workload, concurrency, throughput_rps, p99_us, "
+            "cpu_ms_per_request FROM runs WHERE run_id IN (?, ?) AND error IS NULL",
+            (run_a, run_b),
+        ).fetchall()
+    cells: dict[tuple[str, str, int], dict[str, list[list[float]]]] = {}
+    for run, design, workload, concurrency, rps, p99, cpu in rows:
+        side = cells.setdefault(
+            (design, workload, concurrency), {run_a: [[], [], []], run_b: [[], [], []]}
+        )[run]
+        for values, value in zip(side, (rps, p99, cpu), strict=True):
+            if value is not None:
+                values.append(float(value))
+    report = []
+    for (design, workload, concurrency), sides in sorted(cells.items()):
+        row: dict[str, Any] = {"design": design, "workload": workload, "concurrency": concurrency}
+        for metric, index in (("throughput_rps", 0), ("p99_us", 1), ("cpu_ms_per_request", 2)):
+            a = _median(sides[run_a][index])
+            b = _median(sides[run_b][index])
+            row[metric] = {"a": a, "b": b, "ratio": b / a if a and b is not None else None}
+        report.append(row)
+    return report
+
+
+def _median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None

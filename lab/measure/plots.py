@@ -1,0 +1,230 @@
+"""The report's plots, as PNG files (matplotlib, Agg backend — imported only when drawing).
+
+Every plot skips what it cannot draw (a design with errors only, a missing workload) and says
+so in a note, instead of failing the report.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from lab.measure.report import Cell, cells_for, primary_workload, top_cells
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = ["Plot", "draw"]
+
+
+@dataclass(frozen=True)
+class Plot:
+    filename: str  # relative to the report's directory
+    title: str
+
+
+def _slug(text: str) -> str:
+    return "".join(ch if ch.isalnum() else "-" for ch in text).strip("-")
+
+
+def _figure(width: float = 8.0, height: float = 4.5) -> Figure:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def _save(fig: Figure, out_dir: Path, filename: str, title: str) -> Plot:
+    fig.savefig(out_dir / filename, dpi=100)
+    return Plot(filename, title)
+
+
+def draw(
+    cells: Sequence[Cell], designs: Sequence[str], out_dir: Path
+) -> tuple[list[Plot], list[str]]:
+    """Draw every plot into ``out_dir``: the plots drawn, and notes on what was skipped."""
+    plots: list[Plot] = []
+    notes: list[str] = []
+    workloads = list(dict.fromkeys(c.workload for c in cells))
+    for workload in workloads:
+        _throughput(cells, designs, workload, out_dir, plots, notes)
+    for workload in workloads:
+        _latency(cells, designs, workload, out_dir, plots, notes)
+    _cpu(cells, designs, out_dir, plots, notes)
+    _workers(cells, designs, out_dir, plots, notes)
+    return plots, list(dict.fromkeys(notes))
+
+
+def _throughput(
+    cells: Sequence[Cell],
+    designs: Sequence[str],
+    workload: str,
+    out_dir: Path,
+    plots: list[Plot],
+    notes: list[str],
+) -> None:
+    fig = _figure()
+    ax = fig.add_subplot()
+    drawn = 0
+    for design in designs:
+        mine = cells_for(cells, design, workload)
+        points = [
+            (c, cell.throughput, cell.loader_bound)
+            for c, cell in sorted(mine.items())
+            if cell.measured and cell.throughput is not None
+        ]
+        if not points:
+            if mine:
+                notes.append(f"{design} ({workload}): no request completed — not plotted")
+            continue
+        xs = [c for c, _, _ in points]
+        ys = [tp.median for _, tp, _ in points]
+        errors = [
+            [tp.median - tp.low for _, tp, _ in points],
+            [tp.high - tp.median for _, tp, _ in points],
+        ]
+        line = ax.errorbar(xs, ys, yerr=errors, marker="o", capsize=3, label=design)
+        bound = [(c, tp.median) for c, tp, lb in points if lb]
+        if bound:
+            ax.scatter(
+                [x for x, _ in bound],
+                [y for _, y in bound],
+                marker="x",
+                s=80,
+                color=line.lines[0].get_color(),
+            )
+        drawn += 1
+    if not drawn:
+        notes.append(f"throughput ({workload}): nothing measured — plot skipped")
+        return
+    ax.set_xscale("log", base=2)
+    ticks = sorted({c.concurrency for c in cells if c.workload == workload})
+    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.minorticks_off()
+    ax.set_xlabel("concurrency (connections)")
+    ax.set_ylabel("requests/s (median, min–max)")
+    ax.set_title(f"Throughput vs concurrency — {workload} (× loader-bound)")
+    ax.legend(fontsize="small", ncols=2)
+    ax.grid(True, alpha=0.3)
+    name = f"throughput-{_slug(workload)}.png"
+    plots.append(_save(fig, out_dir, name, f"Throughput vs concurrency, {workload}"))
+
+
+def _latency(
+    cells: Sequence[Cell],
+    designs: Sequence[str],
+    workload: str,
+    out_dir: Path,
+    plots: list[Plot],
+    notes: list[str],
+) -> None:
+    top = [c for c in top_cells(cells, designs, workload) if c.measured and c.latency]
+    if not top:
+        notes.append(f"latency ({workload}): nothing measured — plot skipped")
+        return
+    labels = ("p50", "p99", "p99.9")
+    fig = _figure(max(8.0, 1.0 * len(top) + 2), 4.5)
+    ax = fig.add_subplot()
+    width = 0.8 / len(labels)
+    for i, label in enumerate(labels):
+        values = [max(c.latency[label].median, 1.0) if label in c.latency else 0 for c in top]
+        ax.bar([x + i * width for x in range(len(top))], values, width, label=label)
+    ax.set_yscale("log")
+    ax.set_xticks([x + width for x in range(len(top))])
+    ax.set_xticklabels(
+        [
+            f"{c.design}\nc={c.concurrency}" + ("\nLOADER-BOUND" if c.loader_bound else "")
+            for c in top
+        ],
+        fontsize="small",
+    )
+    ax.set_ylabel("latency µs (median over repeats, log)")
+    ax.set_title(f"Latency percentiles at the highest concurrency — {workload}")
+    ax.legend(fontsize="small")
+    ax.grid(True, axis="y", alpha=0.3)
+    name = f"latency-{_slug(workload)}.png"
+    plots.append(_save(fig, out_dir, name, f"Latency percentiles, {workload}"))
+
+
+def _cpu(
+    cells: Sequence[Cell],
+    designs: Sequence[str],
+    out_dir: Path,
+    plots: list[Plot],
+    notes: list[str],
+) -> None:
+    workload = primary_workload(cells)
+    if workload is None:
+        return
+    top = []
+    for cell in top_cells(cells, designs, workload):
+        cpu = cell.cpu_s_per_1000
+        if cpu is None or cpu.median <= 0:
+            notes.append(f"{cell.design} ({workload}): no server CPU per request — not plotted")
+        else:
+            top.append((cell, cpu))
+    if not top:
+        notes.append("server CPU per request: nothing measured — plot skipped")
+        return
+    fig = _figure(max(8.0, 0.9 * len(top) + 2), 4.5)
+    ax = fig.add_subplot()
+    xs = list(range(len(top)))
+    medians = [cpu.median for _, cpu in top]
+    errors = [
+        [cpu.median - max(cpu.low, cpu.median * 1e-3) for _, cpu in top],
+        [cpu.high - cpu.median for _, cpu in top],
+    ]
+    ax.bar(xs, medians, yerr=errors, capsize=3, color="tab:orange")
+    ax.set_yscale("log")
+    ax.set_xticks(xs)
+    ax.set_xticklabels(
+        [f"{c.design}\nc={c.concurrency}" for c, _ in top], fontsize="small", rotation=0
+    )
+    ax.set_ylabel("server CPU ms per request (log)")
+    ax.set_title(f"Server CPU per request — {workload}, highest concurrency")
+    ax.grid(True, axis="y", alpha=0.3)
+    plots.append(_save(fig, out_dir, "cpu-per-request.png", "Server CPU per request"))
+
+
+def _workers(
+    cells: Sequence[Cell],
+    designs: Sequence[str],
+    out_dir: Path,
+    plots: list[Plot],
+    notes: list[str],
+) -> None:
+    workload = primary_workload(cells)
+    if workload is None:
+        return
+    pools = [c for c in top_cells(cells, designs, workload) if c.per_worker]
+    if not pools:
+        notes.append("per-worker distribution: no pool design kept per-worker counts — skipped")
+        return
+    fig = _figure(8.0, 2.8 * len(pools))
+    axes = fig.subplots(len(pools), 1, squeeze=False)
+    for ax, cell in zip((row[0] for row in axes), pools, strict=True):
+        repeats = cell.per_worker
+        width = 0.8 / len(repeats)
+        for r, counts in enumerate(repeats):
+            ordered = sorted(counts.values(), reverse=True)
+            ax.bar(
+                [x + r * width for x in range(len(ordered))],
+                ordered,
+                width,
+                label=f"repeat {r + 1}",
+            )
+        ax.set_title(f"{cell.design}, {workload}, c={cell.concurrency}", fontsize="medium")
+        slots = max(len(counts) for counts in repeats)
+        ax.set_xticks(
+            [x + width * (len(repeats) - 1) / 2 for x in range(slots)],
+            [str(x + 1) for x in range(slots)],
+        )
+        ax.set_xlabel("worker (busiest first)")
+        ax.set_ylabel("connections")
+        if len(repeats) > 1:
+            ax.legend(fontsize="x-small")
+    plots.append(_save(fig, out_dir, "per-worker.png", "Connections per worker (pool designs)"))

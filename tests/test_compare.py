@@ -1,0 +1,150 @@
+"""`lab compare --local`: a tiny sweep writes complete results, keeps them in the history, and
+two runs can be compared."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lab.measure import compare as sweep
+from lab.measure.bench import BenchError, LocalBackend
+
+TINY = sweep.Matrix(
+    ["iterative", "multi-accept", "spawn+cat", "peer-threading"],
+    workloads=["connect-per-request", "persistent"],
+    concurrency=[2],
+    repeats=1,
+    duration=0.3,
+    warmup=0.1,
+    per_connection=5,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_results(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, object], Path]:
+    out = tmp_path_factory.mktemp("results")
+    results = sweep.compare(
+        LocalBackend,
+        TINY,
+        environment=sweep.environment(),
+        command="lab compare --local",
+        quick=True,
+    )
+    return results, sweep.save(results, out)
+
+
+def test_tiny_local_compare_has_every_design_workload_and_field(
+    tiny_results: tuple[dict[str, object], Path],
+) -> None:
+    results, path = tiny_results
+    saved = json.loads(path.read_text())
+    assert saved == json.loads(json.dumps(results))
+    assert saved["schema"] == sweep.SCHEMA and saved["backend"] == "local"
+    cells = {(r["design"], r["workload"]) for r in saved["runs"]}
+    assert cells == {(d, w) for d in TINY.designs for w in TINY.workloads}
+    for run in saved["runs"]:
+        assert "error" not in run, run
+        assert run["load"]["requests"] > 0 and run["load"]["errors_total"] == 0, run["design"]
+        assert run["server"]["cpu_s_per_1000"] is not None
+    spawn_cat = next(r for r in saved["runs"] if r["design"] == "spawn+cat")
+    assert spawn_cat["server_options"] == ["--worker-cmd", "cat"]
+    pool = next(r for r in saved["runs"] if r["design"] == "multi-accept")
+    assert pool["server_options"] == ["--workers", str(TINY.workers)]
+
+
+def test_every_run_records_its_environment(tiny_results: tuple[dict[str, object], Path]) -> None:
+    env = tiny_results[0]["environment"]
+    assert isinstance(env, dict)
+    for key in ("kernel", "cores", "python", "sysctls", "git_commit", "designs"):
+        assert key in env, key
+    assert set(env["sysctls"]) == set(sweep.SYSCTLS)
+    assert env["designs"]["iterative"]["default_backlog"] == 5
+
+
+def test_runs_are_kept_and_two_runs_compare(tiny_results: tuple[dict[str, object], Path]) -> None:
+    results, path = tiny_results
+    db = path.parent.parent / "lab.sqlite"
+    second = dict(results, run_id="20991231-000000")
+    sweep.store(second, db)
+    assert sweep.run_ids(db) == sorted([str(results["run_id"]), "20991231-000000"])
+    rows = sweep.changes(db, str(results["run_id"]), "20991231-000000")
+    assert len(rows) == len(TINY.designs) * len(TINY.workloads)
+    assert all(row["throughput_rps"]["ratio"] == pytest.approx(1.0) for row in rows)
+    with pytest.raises(BenchError, match="no run 'nope'"):
+        sweep.changes(db, "nope", "20991231-000000")
+
+
+def test_a_failed_run_is_kept_with_its_error_and_the_sweep_goes_on(tmp_path: Path) -> None:
+    class Broken(LocalBackend):
+        def start(self, server: object) -> tuple[str, int]:  # type: ignore[override]
+            raise BenchError("the server did not answer in time: boom")
+
+    matrix = sweep.Matrix(
+        ["fork", "iterative"],
+        workloads=["connect-per-request"],
+        concurrency=[1],
+        repeats=1,
+        duration=0.2,
+        warmup=0.1,
+    )
+    results = sweep.compare(Broken, matrix)
+    assert [r["error"] for r in results["runs"]] == ["the server did not answer in time: boom"] * 2
+
+
+def test_unknown_design_names_the_valid_ones() -> None:
+    with pytest.raises(BenchError, match="choose from iterative"):
+        sweep.check_servers(["iterative", "nope"])
+
+
+def test_quick_matrix_is_one_repeat_of_short_runs() -> None:
+    matrix = sweep.quick_matrix(sweep.all_servers(), workers=2)
+    assert matrix.repeats == 1 and matrix.duration <= 1.0
+    assert matrix.designs == sweep.all_servers()  # every design, variant and peer
+    assert set(sweep.all_servers()) >= {"iterative", "spawn+cat", "peer-socat"}
+
+
+def test_compare_command_writes_results_and_report_and_report_rerenders(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from lab.cli.app import app
+
+    runner = CliRunner()
+    args = [
+        "compare",
+        "--local",
+        "--designs",
+        "iterative,fork",
+        "--concurrency",
+        "2",
+        "--repeats",
+        "1",
+        "--duration",
+        "0.3",
+        "--out",
+        str(tmp_path),
+    ]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    (folder,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    assert (folder / "results.json").is_file() and (folder / "report.md").is_file()
+    assert list(folder.glob("*.png")), "the report has its plots"
+    report = (folder / "report.md").read_text()
+    assert "Claims" in report or "claims" in report
+    saved = json.loads((folder / "results.json").read_text())
+    assert "lab compare --designs iterative,fork" in saved["command"]
+    assert "the report:" in result.output
+
+    (folder / "report.md").unlink()
+    again = runner.invoke(app, ["report", str(folder)])
+    assert again.exit_code == 0, again.output
+    assert (folder / "report.md").is_file()
+
+    run = folder.name
+    changes = runner.invoke(app, ["report", "--compare", run, run, "--out", str(tmp_path)])
+    assert changes.exit_code == 0, changes.output
+    assert "iterative" in changes.output
+
+    missing = runner.invoke(app, ["report", str(tmp_path / "nope")])
+    assert missing.exit_code == 1 and "Traceback" not in missing.output
