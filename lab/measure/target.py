@@ -23,7 +23,6 @@ from __future__ import annotations
 import ipaddress
 import socket
 import struct
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,7 @@ from lab.measure.errors import (
     TargetTimedOut,
     TargetUnreachable,
 )
+from lab.sockets.client import resolve as _resolve
 
 __all__ = [
     "ROUTE_FILE",
@@ -147,28 +147,6 @@ def _rule(routes: Routes) -> str:
         "routers excluded) or IPv6 link-local fe80::/10 — point it at the lab's own server "
         "(e.g. bakawali or 127.0.0.1)"
     )
-
-
-def _resolve(host: str, port: int, timeout: float) -> list[tuple[Any, ...]]:
-    """getaddrinfo bounded by ``timeout`` (it takes none itself): a daemon thread does the
-    lookup; one still running past the timeout is abandoned."""
-    result: list[tuple[Any, ...]] = []
-    failure: list[BaseException] = []
-
-    def lookup() -> None:
-        try:
-            result.extend(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
-        except BaseException as exc:  # handed to the caller below
-            failure.append(exc)
-
-    worker = threading.Thread(target=lookup, daemon=True)
-    worker.start()
-    worker.join(timeout)
-    if failure:
-        raise failure[0]
-    if worker.is_alive():
-        raise socket.gaierror(socket.EAI_AGAIN, f"no answer within {timeout:g} s")
-    return result
 
 
 def _hostport(host: str, port: int) -> str:

@@ -59,6 +59,7 @@ __all__ = [
     "exchange",
     "print_exchange",
     "report_lines",
+    "resolve",
 ]
 
 EXIT_OK = 0
@@ -214,7 +215,7 @@ def _hostport(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _resolve(host: str, port: int, timeout: float) -> list[Any]:
+def resolve(host: str, port: int, timeout: float) -> list[Any]:
     """getaddrinfo bounded by ``timeout``: the resolver's own retries can take ten seconds
     for a name that has gone (a stopped container), and getaddrinfo takes no timeout. It runs
     in a daemon thread; a lookup still running past the timeout is abandoned."""
@@ -242,7 +243,7 @@ def _connect(
 ) -> tuple[socket.socket, tuple[str, int]]:
     """Try every address ``getaddrinfo`` gives, in its order; return the first that connects."""
     try:
-        infos = _resolve(host, port, timeout)
+        infos = resolve(host, port, timeout)
     except socket.gaierror as exc:
         raise NameNotFoundError(
             f"cannot resolve host {host!r} ({exc.strerror}) — check the spelling, "
