@@ -12,7 +12,7 @@ from lab.measure import compare as sweep
 from lab.measure.bench import BenchError, LocalBackend
 
 TINY = sweep.Matrix(
-    ["iterative", "multi-accept", "spawn+cat", "peer-threading"],
+    sweep.all_servers(),  # every design, variant and peer
     workloads=["connect-per-request", "persistent"],
     concurrency=[2],
     repeats=1,
