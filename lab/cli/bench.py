@@ -51,7 +51,7 @@ def bench(
     ] = None,
     local: Annotated[bool, typer.Option(help="local processes on loopback, no Docker")] = False,
     pin: Annotated[
-        bool, typer.Option(help="--local: the server on core 0, the loaders on core 1")
+        bool, typer.Option(help="the server on core 0, the loaders on core 1 (two cores or more)")
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON for machines")] = False,
 ) -> None:
@@ -121,7 +121,7 @@ def _bench(
                 else:
                     from lab.orchestration.bench import DockerBackend
 
-                    backend = DockerBackend()
+                    backend = DockerBackend(pin=pin)
                 return bench(backend, spec, config).to_dict()
         except (BenchError, LoadError) as exc:
             typer.echo(f"lab bench: error: {exc}", err=True)

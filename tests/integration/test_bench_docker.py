@@ -12,7 +12,7 @@ from containers import remove_project
 
 from lab.measure.bench import ServerSpec, bench
 from lab.measure.config import make_config
-from lab.orchestration import compose
+from lab.orchestration import compose, stack
 from lab.orchestration.bench import DockerBackend
 from lab.orchestration.engine import LabError
 
@@ -34,7 +34,7 @@ def bench_project(
 
 @pytest.mark.timeout(600)
 def test_containerised_bench_merges_every_client_and_reads_the_cgroup(bench_project: str) -> None:
-    backend = DockerBackend(project=bench_project, clients=2)
+    backend = DockerBackend(project=bench_project, clients=2, pin=True)
     config = make_config("bakawali", concurrency=4, duration=1.0, warmup=0.3, processes=1)
     spec = ServerSpec("multi-accept", ("--workers", "2"))
     result = bench(backend, spec, config).to_dict()
@@ -52,6 +52,12 @@ def test_containerised_bench_merges_every_client_and_reads_the_cgroup(bench_proj
     assert sum(stats["per_worker"].values()) == stats["completed"] >= load["requests"]
     # the health probes are counted apart, never as connections
     assert stats["health_probes"] >= 0
+    # --pin: the server's container on core 0, the loaders' on core 1
+    pinned = {
+        c.labels["com.docker.compose.service"]: c.attrs["HostConfig"]["CpusetCpus"]
+        for c in stack.containers(backend.engine, bench_project)
+    }
+    assert pinned == {"server": "0", "client": "1"}
 
 
 @pytest.mark.timeout(600)
