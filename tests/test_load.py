@@ -446,3 +446,12 @@ def test_nothing_listening_at_start_is_a_one_line_error() -> None:
     result = invoke("127.0.0.1", "--port", str(_free_port()))
     assert_one_line_error(result, "refused")
     assert result.exit_code == 3
+
+
+def test_loader_that_ran_only_a_moment_is_not_judged_loader_bound() -> None:
+    from lab.measure.result import is_loader_bound
+
+    assert is_loader_bound(0.95, 1.0)  # saturated for a whole second
+    assert not is_loader_bound(0.5, 1.0)
+    # started after its window had passed: 0.15 ms of CPU over 0.16 ms of wall says nothing
+    assert not is_loader_bound(0.000146, 0.00016)

@@ -46,7 +46,7 @@ from typing import Any
 
 from lab.measure.config import LoadConfig
 from lab.measure.histogram import LatencyHistogram
-from lab.measure.result import ERROR_KINDS, LOADER_BOUND_SHARE, LoadResult
+from lab.measure.result import ERROR_KINDS, LoadResult, is_loader_bound
 from lab.measure.target import Target
 
 __all__ = [
@@ -269,7 +269,7 @@ class Loader:
             loader_cpu_s=cpu,
             loader_wall_s=wall,
             loader_start_lag_s=lag,
-            loader_bound=cpu / wall >= LOADER_BOUND_SHARE,
+            loader_bound=is_loader_bound(cpu, wall),
         )
 
     def _loop(self) -> None:

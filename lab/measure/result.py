@@ -60,6 +60,14 @@ PERCENTILES = {"p50": 50.0, "p90": 90.0, "p99": 99.0, "p99.9": 99.9}
 
 #: Loaders whose CPU time is at least this share of their wall time are the bottleneck.
 LOADER_BOUND_SHARE = 0.9
+#: …judged only over this much wall time: a loader that ran a moment (it started after its
+#: window had passed) divides two tiny numbers and would look saturated.
+LOADER_BOUND_MIN_WALL = 0.2
+
+
+def is_loader_bound(cpu_s: float, wall_s: float) -> bool:
+    """Whether loaders that used ``cpu_s`` of CPU over ``wall_s`` seconds were the bottleneck."""
+    return wall_s >= LOADER_BOUND_MIN_WALL and cpu_s / wall_s >= LOADER_BOUND_SHARE
 
 
 def _no_errors() -> dict[str, int]:
@@ -266,7 +274,7 @@ def merge(results: Iterable[LoadResult]) -> LoadResult:
     )
     # Bound if any part was (one saturated loader throttles its own connections), or all of
     # them together used ≥ 90 % of their wall time.
-    merged.loader_bound = (
-        any(p.loader_bound for p in parts) or merged.loader_utilization >= LOADER_BOUND_SHARE
+    merged.loader_bound = any(p.loader_bound for p in parts) or is_loader_bound(
+        merged.loader_cpu_s, merged.loader_wall_s
     )
     return merged
