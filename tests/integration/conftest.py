@@ -49,7 +49,7 @@ def unavailable(reason: str) -> NoReturn:
     """Docker (or compose) is missing: skip on a workstation (naming how to run them), but FAIL
     in CI."""
     if not os.environ.get("CI"):
-        pytest.skip(f"{reason} — {RUN_HINT}")
+        pytest.skip(f"{reason} — {RUN_HINT}")  # only outside CI: under CI=true it fails below
     pytest.fail(f"CI is set, so the integration tests fail, not skip: {reason}", pytrace=False)
 
 
