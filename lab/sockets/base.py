@@ -50,6 +50,10 @@ class Server:
     # net.core.somaxconn. When it is full, Linux does not refuse: it drops the SYN and the
     # client's kernel retransmits it after about 1, 3, 7 … seconds.
     default_backlog: ClassVar[int] = 128
+    # The C reference peer this design is measured against (the report's ×C column):
+    # ``peer-c-<family>``. "prefork": a process (or thread) that accepts and serves;
+    # "fork": a new process per connection; "epoll": event loops on the shared listener.
+    family: ClassVar[str] = "prefork"
     # Whether statistics count connections by worker pid (pool designs).
     per_worker_stats: ClassVar[bool] = False
     # At most this many accept() calls per wake-up, so signals and children are looked after.

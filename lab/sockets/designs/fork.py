@@ -20,6 +20,7 @@ class ForkServer(Server):
     name = "fork"
     summary = "fork() a child per connection; the child serves it and exits"
     origin = "the classic Unix variant; Stevens UNP ch. 30 server 1"
+    family = "fork"
 
     def accepting(self) -> bool:
         # At --max-children, stop accepting: new clients wait in the backlog meanwhile.

@@ -30,6 +30,7 @@ class SpawnServer(Server):
     name = "spawn"
     summary = "posix_spawn() a worker program per connection, the socket as its stdin/stdout"
     origin = "the chapter's spawn() server (inetd style)"
+    family = "fork"
 
     @classmethod
     def check_config(cls, config: ServerConfig) -> None:
