@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 # Host tools the tests use as real peers (socat and nc as clients, gcc for the original C programs).
 HOST_TOOLS := socat nc gcc
 
-.PHONY: all venv host-tools test lint lab images transcript-local down clean
+.PHONY: all venv host-tools cpeer test lint lab images transcript-local down clean
 DESIGN ?= iterative
 
 all: test
@@ -32,7 +32,22 @@ host-tools:
 	  else echo "make: missing$$missing: install them (Debian: apt-get install $$pkgs)" >&2; exit 1; fi; \
 	fi
 
-test: venv host-tools
+# The C reference peers (peer-c-prefork, peer-c-fork, peer-c-epoll): one static binary, so the
+# host's build runs unchanged in the lab image (images.py compiles its own copy the same way).
+# Rebuilt only when peer.c changes; static linking needs libc.a (Debian: libc6-dev).
+CPEER_SRC := lab/measure/cpeer/peer.c
+CPEER := build/bin/lab-cpeer
+CPEER_CFLAGS := -O2 -Wall -Wextra -static
+
+cpeer: $(CPEER)
+
+$(CPEER): $(CPEER_SRC) | host-tools
+	@[ "$$(gcc -print-file-name=libc.a)" != libc.a ] || { \
+	  echo "make: gcc has no libc.a to link $@ statically: install it (Debian: apt-get install libc6-dev)" >&2; exit 1; }
+	@mkdir -p $(@D)
+	gcc $(CPEER_CFLAGS) -o $@.tmp $< && mv -f $@.tmp $@
+
+test: venv host-tools cpeer
 	$(PY) -m pytest
 
 lint: venv
@@ -44,12 +59,12 @@ lint: venv
 # wheelhouse), the server and three clients up, their first session's transcript and a table.
 # Then every design and peer compared on it (lab compare --quick, a few minutes): the report's
 # folder and its summary table close the output.
-lab: venv
+lab: venv cpeer
 	$(VENV)/bin/lab down >/dev/null
 	$(VENV)/bin/lab up --design $(DESIGN) --transcript
 	$(VENV)/bin/lab compare --quick
 
-images: venv
+images: venv cpeer
 	$(PY) -c 'from lab.orchestration.images import ensure_images; print(ensure_images(print))'
 
 down: venv
