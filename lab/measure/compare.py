@@ -67,7 +67,10 @@ def server_spec(name: str, workers: int) -> ServerSpec:
     if name in VARIANTS:
         design, options = VARIANTS[name]
         return ServerSpec(design, options)
-    if name in POOL_DESIGNS:
+    from lab.measure.peers import C_PEERS  # the C peers with a pool take --workers too
+
+    pooled_peers = [f"peer-{peer}" for peer, (_mode, pooled) in C_PEERS.items() if pooled]
+    if name in POOL_DESIGNS or name in pooled_peers:
         return ServerSpec(name, ("--workers", str(workers)))
     return ServerSpec(name)
 

@@ -4,11 +4,17 @@
   connection (Stevens' claim 7, "threads are cheaper than processes", is answered with it);
 * ``forking`` — ``socketserver.ForkingTCPServer``: a fork per connection, the library's way;
 * ``socat`` — ``socat TCP-LISTEN:…,fork EXEC:cat``: a fork *and an exec of cat* per connection,
-  the classic inetd-style cost in C.
+  the classic inetd-style cost in C;
+* ``c-prefork``, ``c-fork``, ``c-epoll`` — the C ceilings, one static program
+  (``lab/measure/cpeer/peer.c``, built by ``make cpeer``): pre-forked workers blocking in
+  ``accept()``, a ``fork()`` per connection, and epoll loops on the shared listener. Each design
+  is measured against the one of its family (``peer-c-<family>``).
 
-``python -m lab.measure.peers NAME [--host H] [--port P] [--backlog B]`` runs one and prints the
-same ``ready design=peer-NAME … port=N pid=N`` line as the lab's servers; SIGTERM stops it and
-prints a statistics line (a peer counts less than a design: what it cannot see is left out).
+``python -m lab.measure.peers NAME [--host H] [--port P] [--backlog B] [--workers N]`` runs one
+and prints the same ``ready design=peer-NAME … port=N pid=N`` line as the lab's servers; SIGTERM
+stops it and prints a statistics line (a peer counts less than a design: what it cannot see is
+left out). ``--workers`` sizes the pools of ``c-prefork`` and ``c-epoll``; the others ignore it.
+A C peer is exec'd in this process's place, so the process measured is the C program itself.
 """
 
 from __future__ import annotations
@@ -138,10 +144,57 @@ def run_socat(host: str, port: int, backlog: int) -> int:
     return 0
 
 
+# The C peers: the name here → lab-cpeer's mode, and whether it has a pool of --workers.
+C_PEERS = {"c-prefork": ("prefork", True), "c-fork": ("fork", False), "c-epoll": ("epoll", True)}
+CPEER_ENV = "LAB_CPEER"
+CPEER_INSTALLED = Path("/usr/local/bin/lab-cpeer")  # where the lab image has it
+# In a checkout: <repo>/build/bin/lab-cpeer (this file is <repo>/lab/measure/peers.py).
+CPEER_BUILT = Path(__file__).resolve().parents[2] / "build" / "bin" / "lab-cpeer"
+
+
+def cpeer_binary() -> Path | None:
+    """lab-cpeer: $LAB_CPEER if set, else the installed one, else the checkout's build."""
+    named = os.environ.get(CPEER_ENV)
+    candidates = [Path(named)] if named else [CPEER_INSTALLED, CPEER_BUILT]
+    for path in candidates:
+        if path.is_file() and os.access(path, os.X_OK):
+            return path
+    return None
+
+
+def run_cpeer(name: str, host: str, port: int, backlog: int, workers: int | None) -> int:
+    """Exec lab-cpeer in this process's place (it prints the ready line); returns only on
+    failure."""
+    binary = cpeer_binary()
+    if binary is None:
+        named = os.environ.get(CPEER_ENV)
+        where = f" ({CPEER_ENV}={named} is not an executable)" if named else ""
+        message = f"lab peers: error: the C peers are not built{where}: run make cpeer"
+        print(message, file=sys.stderr)
+        return 2
+    mode, pooled = C_PEERS[name]
+    argv = [str(binary), mode, "--host", host, "--port", str(port), "--backlog", str(backlog)]
+    if pooled and workers is not None:
+        argv += ["--workers", str(workers)]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execv(binary, argv)
+    except OSError as exc:
+        print(
+            f"lab peers: error: cannot run {binary} ({exc.strerror}): rebuild it with make cpeer",
+            file=sys.stderr,
+        )
+    return 2
+
+
 PEERS = {
     "threading": "socketserver.ThreadingTCPServer: a thread per connection",
     "forking": "socketserver.ForkingTCPServer: fork() per connection",
     "socat": "socat TCP-LISTEN,fork EXEC:cat: fork() and exec(cat) per connection",
+    "c-prefork": "C: --workers processes, forked after listen(), each blocking in accept()",
+    "c-fork": "C: fork() a child per connection; the parent reaps them",
+    "c-epoll": "C: --workers epoll loops on the shared listener (EPOLLEXCLUSIVE)",
 }
 
 
@@ -151,7 +204,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--host", default=os.environ.get("LAB_HOST") or "0.0.0.0")
     parser.add_argument("--port", type=int, default=int(os.environ.get("LAB_PORT") or 12345))
     parser.add_argument("--backlog", type=int, default=int(os.environ.get("LAB_BACKLOG") or 128))
+    # The pool size of c-prefork and c-epoll (lab-cpeer's default: 2); the others ignore it.
+    workers = os.environ.get("LAB_WORKERS")
+    parser.add_argument("--workers", type=int, default=int(workers) if workers else None)
     args = parser.parse_args(argv)
+    if args.workers is not None and args.workers < 1:
+        parser.error("--workers must be at least 1")
+    if args.peer in C_PEERS:
+        return run_cpeer(args.peer, args.host, args.port, args.backlog, args.workers)
     if args.peer == "socat":
         return run_socat(args.host, args.port, args.backlog)
     return run_socketserver(args.peer, args.host, args.port, args.backlog)
