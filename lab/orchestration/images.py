@@ -3,10 +3,12 @@
 * ``lab-base`` is Debian bookworm from debootstrap (``images/base/build.sh``; see its README).
 * ``lab`` is built ``FROM`` it (``images/lab/Dockerfile``): a venv at ``/opt/lab`` installed
   offline from a wheelhouse that this module fills on the host (``build/wheels/``, git-ignored),
-  a non-root user, and ``lab serve`` as the command.
+  a non-root user, ``lab serve`` as the command, and the C peers' static binary ``lab-cpeer``
+  at ``/usr/local/bin/lab-cpeer`` (compiled on the host with gcc: the base has no compiler).
 
 Each tag is a hash of its build inputs: ``lab:<hash>`` covers the package sources, pyproject.toml,
-everything in ``images/lab/`` and the base image's ID. Changed code therefore means a new tag,
+the C peers' source (``lab/measure/cpeer/peer.c``) and compiler flags, everything in
+``images/lab/`` and the base image's ID. Changed code therefore means a new tag,
 and a container never runs a stale image. ``lab:latest`` follows the newest build (compose.yaml
 uses it unless ``LAB_IMAGE`` names a tag).
 
@@ -50,6 +52,11 @@ LAB_IMAGE_DIR = "images/lab"
 WHEELHOUSE = "build/wheels"
 _STAMP = ".lab-wheelhouse.json"
 _TAG_HEX = 12
+# The C peers: one static program, so the host's gcc builds what runs in the image (a Debian
+# minbase). The same flags as the Makefile's `cpeer` target.
+CPEER_SOURCE = "lab/measure/cpeer/peer.c"
+CPEER_BINARY = "lab-cpeer"  # its name in the build context; the image has /usr/local/bin/lab-cpeer
+CPEER_CFLAGS = ("-O2", "-Wall", "-Wextra", "-static")
 
 
 @dataclass(frozen=True)
@@ -81,6 +88,14 @@ def _source_inputs(root: Path) -> list[Path]:
     return [*_package_files(root), root / "pyproject.toml"]
 
 
+def _cpeer_inputs(root: Path) -> list[Path]:
+    """The C peers' source: compiled into the image, so part of its tag."""
+    source = root / CPEER_SOURCE
+    if not source.is_file():
+        raise LabError(f"{CPEER_SOURCE} is missing: restore it from git (git checkout -- lab)")
+    return [source]
+
+
 def _image_dir_files(root: Path) -> list[Path]:
     files = [path for path in (root / LAB_IMAGE_DIR).rglob("*") if path.is_file()]
     return sorted(files, key=lambda path: path.relative_to(root).as_posix())
@@ -110,7 +125,7 @@ def _snapshot(root: Path, dest: Path) -> Path:
     snap = dest / "snapshot"
     readme = root / "README.md"
     extra = [readme] if readme.is_file() else []
-    for path in [*_source_inputs(root), *_image_dir_files(root), *extra]:
+    for path in [*_source_inputs(root), *_cpeer_inputs(root), *_image_dir_files(root), *extra]:
         target = snap / path.relative_to(root)
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(path, target)
@@ -118,15 +133,17 @@ def _snapshot(root: Path, dest: Path) -> Path:
 
 
 def _lab_inputs_hash(root: Path, base_id: str) -> str:
-    files = [*_source_inputs(root), *_image_dir_files(root)]
-    return _digest(root, files, [("base-image-id", base_id)])[:_TAG_HEX]
+    files = [*_source_inputs(root), *_cpeer_inputs(root), *_image_dir_files(root)]
+    extra = [("base-image-id", base_id), ("cpeer-cflags", " ".join(CPEER_CFLAGS))]
+    return _digest(root, files, extra)[:_TAG_HEX]
 
 
 def lab_image_tag(base_id: str) -> str:
     """``lab:<12 hex>``: the hash of the lab image's build inputs.
 
     They are every ``*.py`` and ``py.typed`` under ``lab/`` (sorted paths and contents),
-    pyproject.toml, every file in ``images/lab/`` and ``base_id`` (the base image's ID).
+    pyproject.toml, ``lab/measure/cpeer/peer.c`` and its compiler flags, every file in
+    ``images/lab/`` and ``base_id`` (the base image's ID).
     """
     return f"{LAB_REPO}:{_lab_inputs_hash(repo_root(), base_id)}"
 
@@ -334,17 +351,55 @@ def _ensure_wheelhouse(root: Path, snap: Path, progress: Progress) -> Path:
     return wheels
 
 
-# --- (c) the lab image -------------------------------------------------------------------------
+# --- (c) the C peers' binary -------------------------------------------------------------------
+
+
+def _compile_cpeer(snap: Path, output: Path) -> None:
+    """Compile the snapshot's peer.c, statically, into ``output`` (what the tag was hashed from:
+    never build/bin/lab-cpeer, which may come from another version of the source)."""
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        raise LabError(
+            "gcc is not installed: it compiles the C peers for the lab image "
+            "(make host-tools, or Debian: apt-get install gcc libc6-dev)"
+        )
+    try:
+        result = subprocess.run(
+            [gcc, *CPEER_CFLAGS, "-o", str(output), str(snap / CPEER_SOURCE)],
+            capture_output=True,
+            text=True,
+            errors="replace",
+            check=False,
+            timeout=300,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise LabError(f"cannot run {gcc} ({exc}): check the host's gcc, then retry") from None
+    if result.returncode != 0:
+        if "cannot find -lc" in result.stderr:
+            raise LabError(
+                "gcc cannot link the C peers statically (no libc.a): "
+                "install it (Debian: apt-get install libc6-dev)"
+            )
+        raise LabError(
+            f"gcc failed on {CPEER_SOURCE} ({_last_error_line(result.stderr)}): fix it "
+            "(make cpeer shows every message), then retry"
+        )
+    output.chmod(0o755)
+
+
+# --- (d) the lab image -------------------------------------------------------------------------
 
 
 def _build_context(root: Path, wheels: Path, dest: Path) -> Path:
-    """A small build context: images/lab/* plus wheels/ (nothing else from the checkout)."""
+    """A small build context: images/lab/*, wheels/ and the C peers' binary (nothing else from
+    the checkout)."""
     context = dest / "context"
     shutil.copytree(root / LAB_IMAGE_DIR, context)
     (context / "client-intro.sh").chmod(0o755)
     (context / "wheels").mkdir()
     for wheel in sorted(wheels.glob("*.whl")):
         shutil.copy2(wheel, context / "wheels" / wheel.name)
+    _compile_cpeer(root, context / CPEER_BINARY)
     return context
 
 
@@ -431,8 +486,9 @@ def ensure_images(progress: Progress | None = None, force: bool = False) -> Imag
 
     (a) runs images/base/build.sh (a no-op while its image exists; building it needs root and
     about a minute); (b) fills the wheelhouse build/wheels/ (deps from the package index only
-    when pyproject.toml changed); (c) builds ``lab:<hash>`` unless it exists (``force``: rebuild
-    it anyway) and points ``lab:latest`` at it. Progress lines go to ``progress``.
+    when pyproject.toml changed); (c) compiles the C peers (``lab-cpeer``, with the host's gcc)
+    and (d) builds ``lab:<hash>`` unless it exists (``force``: rebuild it anyway), then points
+    ``lab:latest`` at it. Progress lines go to ``progress``.
     """
     say: Progress = progress if progress is not None else (lambda _line: None)
     root = repo_root()
