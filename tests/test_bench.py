@@ -4,14 +4,18 @@ and correctness of the result, never its speed."""
 from __future__ import annotations
 
 import json
+import statistics
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 from harness import ALL_DESIGNS, POOL_DESIGNS
 from typer.testing import CliRunner
 
 from lab.cli.app import app
-from lab.measure.bench import LocalBackend, ServerSpec, bench
+from lab.measure.bench import CpuTrace, LocalBackend, ServerSpec, bench
 from lab.measure.config import make_config
+from lab.sockets.designs import DESIGNS
 
 runner = CliRunner()
 TINY = {"concurrency": 4, "duration": 0.5, "warmup": 0.2, "processes": 1}
@@ -30,8 +34,12 @@ def assert_complete(result: dict[str, object], design: str) -> None:
         assert load["latency_us"][key] > 0, key
     assert load["histogram"]  # encoded, so runs can be merged later
     assert server["cpu_s"] > 0 and server["cpu_s_per_1000"] > 0
+    # A request is one echoed message: the CPU of the measured window over the messages the
+    # loaders verified in that window, for designs and peers alike.
+    assert server["requests"] == load["requests"]
+    assert server["cpu_s_per_1000"] == pytest.approx(server["cpu_s"] / load["requests"] * 1000)
+    assert server["window_s"] == pytest.approx(load["duration_s"])
     assert server["memory_peak_bytes"] > 0
-    assert server["listen_overflows"] >= 0
 
 
 @pytest.mark.parametrize("design", ALL_DESIGNS)
@@ -78,3 +86,108 @@ def test_bench_command_unknown_design_is_one_line() -> None:
     result = runner.invoke(app, ["bench", "--local", "--design", "nope"])
     assert result.exit_code == 2
     assert "unknown design 'nope'" in result.output and "Traceback" not in result.output
+
+
+# --- CPU per request is CPU per message ----
+
+
+def test_cpu_trace_reads_any_window_between_its_readings() -> None:
+    trace = CpuTrace(lambda: 0.0)
+    trace.samples = [(100.0, 1.0), (101.0, 2.0), (103.0, 6.0)]
+    assert trace.at(100.5) == pytest.approx(1.5)
+    assert trace.between(100.5, 102.0) == pytest.approx(4.0 - 1.5)
+    assert trace.between(90.0, 200.0) == pytest.approx(5.0)  # clamped to the trace's ends
+    assert (trace.first, trace.last) == (100.0, 103.0)
+
+
+def test_cpu_trace_brackets_its_block_and_skips_failed_readings() -> None:
+    readings: list[float | Exception] = [1.0, 2.0, OSError("the server is gone")]
+
+    def read() -> float:
+        value = readings.pop(0)
+        if isinstance(value, Exception):
+            raise value
+        return value
+
+    with CpuTrace(read, interval=3600) as trace:  # no reading in between: on entry, on exit
+        pass
+    assert [v for _, v in trace.samples] == [1.0, 2.0]
+    trace._sample()  # a failed reading is left out
+    assert len(trace.samples) == 2
+
+
+def persistent_bench(per_connection: int, **overrides: object) -> dict[str, object]:
+    config = tiny_config(workload="persistent", per_connection=per_connection, **overrides)
+    spec = ServerSpec("multi-accept", ("--workers", "2"))
+    return bench(LocalBackend(), spec, config).to_dict()  # type: ignore[arg-type]
+
+
+def test_cpu_per_message_does_not_depend_on_messages_per_connection() -> None:
+    """100 or 1,000 messages per connection: the CPU of one message barely changes (a
+    connection's setup is spread over 100 messages at worst). Divided by connections, the two
+    would differ tenfold. The two runs of a pair go side by side, so a busy machine slows both
+    alike; the median of three pairs' ratios is judged."""
+    ratios = []
+    for _ in range(3):
+        with ThreadPoolExecutor(2) as pool:
+            few, many = pool.map(
+                lambda k: persistent_bench(k, concurrency=2, duration=1.5, warmup=0.3)["server"],
+                (100, 1000),
+            )
+        assert isinstance(few, dict) and isinstance(many, dict)
+        ratios.append(few["cpu_s_per_1000"] / many["cpu_s_per_1000"])
+        # per connection: the same CPU, per 100 or 1,000 messages
+        for cost, k in ((few, 100), (many, 1000)):
+            assert cost["cpu_s_per_1000_connections"] == pytest.approx(cost["cpu_s_per_1000"] * k)
+    assert 1 / 1.25 <= statistics.median(ratios) <= 1.25, ratios
+
+
+def test_cpu_per_message_is_divided_by_the_servers_own_count_of_messages() -> None:
+    """No warm-up and a fixed number of requests: every message of the run is in the measured
+    window, so the count the CPU is divided by must be what the server itself echoed — its
+    bytes_in over the message size — and not its count of connections."""
+    size, requests, k = 49, 20_000, 100
+    result = persistent_bench(k, warmup=0.0, requests=requests, duration=30.0, size=size)
+    load, cost = result["load"], result["server"]
+    assert isinstance(load, dict) and isinstance(cost, dict)
+    assert load["errors_total"] == 0 and load["unfinished"] == 0
+    stats = cost["stats"]
+    echoed, remainder = divmod(stats["bytes_in"], size)
+    assert remainder == 0 and stats["bytes_out"] == stats["bytes_in"]
+    assert echoed == requests == load["requests"] == cost["requests"]
+    # The server's connections: the loaders' and the one that checked the target first —
+    # far fewer than messages, so a figure per connection would be K times this one.
+    assert stats["completed"] == load["connections"] + 1 <= echoed / k + 5
+    assert cost["cpu_s_per_1000"] == pytest.approx(cost["cpu_s"] / echoed * 1000)
+    # The whole run's CPU over the server's count gives the same figure (within the CPU
+    # clock's ticks and the connections' setup and teardown outside the window).
+    whole = cost["run_cpu_s"] / echoed * 1000
+    assert 1 / 1.25 <= cost["cpu_s_per_1000"] / whole <= 1.25, (cost["cpu_s_per_1000"], whole)
+
+
+# --- listen-queue overflows ------------------------------------------------------------------
+
+
+def netstat_listen_overflows() -> int:
+    """TcpExt ListenOverflows, parsed here (not with the lab's probe) from /proc/net/netstat."""
+    lines = Path("/proc/net/netstat").read_text().splitlines()
+    headers = [line.split() for line in lines if line.startswith("TcpExt:")]
+    header, values = headers[0], headers[1]
+    return int(values[header.index("ListenOverflows")])
+
+
+def test_iterative_server_beyond_its_backlog_overflows_the_listen_queue() -> None:
+    """The iterative server with a backlog of 1 and 32 connections at once: the kernel's listen
+    queue overflows, and the bench's count is no more than the kernel's own over a window that
+    encloses the bench's (other processes on the machine may add to the kernel's counter)."""
+    assert DESIGNS["iterative"].default_backlog > 1  # so --backlog 1 is a real change
+    before = netstat_listen_overflows()
+    result = bench(
+        LocalBackend(),
+        ServerSpec("iterative", ("--backlog", "1")),
+        tiny_config(concurrency=32, duration=1.0, warmup=0.2),  # type: ignore[arg-type]
+    ).to_dict()
+    kernel = netstat_listen_overflows() - before
+    overflows = result["server"]["listen_overflows"]
+    assert 0 < overflows <= kernel, (overflows, kernel)
+    assert result["load"]["requests"] > 0  # it served, one at a time

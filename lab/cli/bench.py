@@ -24,10 +24,7 @@ console = Console(width=None if sys.stdout.isatty() else 160, stderr=False)
 def bench(
     design: Annotated[
         str,
-        typer.Option(
-            help="a design, or a peer: peer-threading, peer-forking, peer-socat",
-            envvar="LAB_DESIGN",
-        ),
+        typer.Option(help="a design, or a peer (peer-threading …)", envvar="LAB_DESIGN"),
     ] = "iterative",
     workload: Annotated[
         str, typer.Option(help="connect-per-request or persistent")
@@ -93,15 +90,14 @@ def _bench(
     from lab.measure.bench import BenchError, LocalBackend, ServerSpec, bench
     from lab.measure.config import make_config
     from lab.measure.errors import LoadError
+    from lab.measure.peers import PEERS
     from lab.sockets.designs import DESIGNS
 
     with user_errors("lab bench"):
         spec = ServerSpec(design, ("--workers", str(workers)) if workers else ())
         if design not in DESIGNS and spec.peer is None:
-            raise typer.BadParameter(
-                f"unknown design {design!r}: choose one of {', '.join(DESIGNS)}, "
-                "peer-threading, peer-forking, peer-socat"
-            )
+            names = [*DESIGNS, *(f"peer-{name}" for name in PEERS)]
+            raise typer.BadParameter(f"unknown design {design!r}: choose one of {', '.join(names)}")
         try:
             config = make_config(
                 "127.0.0.1",
@@ -139,7 +135,8 @@ def result_table(results: list[dict[str, Any]]) -> Table:
         "max µs",
         "errors",
         "starved",
-        "server CPU ms/req",
+        "server CPU ms/msg",
+        "ms/conn",
         "server MiB",
         "overflows",
         "per-worker",
@@ -149,6 +146,7 @@ def result_table(results: list[dict[str, Any]]) -> Table:
         load, server = r["load"], r["server"]
         latency = load["latency_us"]
         per_1000 = server["cpu_s_per_1000"]
+        per_conn = server.get("cpu_s_per_1000_connections")
         per_worker = sorted((server["stats"].get("per_worker") or {}).values(), reverse=True)
         table.add_row(
             r["design"],
@@ -158,6 +156,7 @@ def result_table(results: list[dict[str, Any]]) -> Table:
             str(load["errors_total"]),
             str(load["starved"]["connections"]),
             "-" if per_1000 is None else f"{per_1000:.3f}",
+            "-" if per_conn is None else f"{per_conn:.3f}",
             f"{server['memory_peak_bytes'] / 2**20:.1f}",
             str(server["listen_overflows"]),
             " ".join(map(str, per_worker)) or "-",

@@ -4,16 +4,28 @@
 (:class:`LocalBackend`, here) or the containerised lab (in ``lab.orchestration``):
 
 1. start the server and wait for its ready line;
-2. measure its CPU while idle for :data:`IDLE_WINDOW` seconds — in a container the health
-   probes cost a little CPU; that rate is subtracted from the run's;
-3. read its statistics (SIGUSR1), CPU and the listen-queue overflow counter;
+2. sample its CPU from now on (every :data:`CPU_SAMPLE` seconds, timestamped), and measure
+   its CPU while idle for :data:`IDLE_WINDOW` seconds — in a container the health probes and
+   the readings themselves cost a little CPU; that rate is subtracted from the run's;
+3. read its statistics (SIGUSR1) and the listen-queue overflow counter;
 4. run the load, sampling the server's memory meanwhile;
-5. read them again: the differences are the run's — CPU seconds per 1,000 requests served,
-   per-worker connection counts, overflows.
+5. read them again (once the server has seen every connection end): the differences are the
+   run's — per-worker connection counts, bytes, overflows.
+
+**What a request costs.** A request is one echoed message, for designs and peers alike and in
+both workloads (a persistent connection carries ``per_connection`` of them). The CPU divided is
+the server's CPU over the loaders' *measured window* (``measure_start`` → ``measure_end``, the
+warm-up and the drain left out), interpolated from the samples; the count it is divided by is
+the loaders' verified messages of that same window (``LoadResult.requests``). So ``cpu_s_per_1000``
+is CPU seconds per 1,000 messages — numerically CPU milliseconds per message — and
+``cpu_s_per_1000_connections`` the same per 1,000 connections of ``per_connection`` messages
+(equal to it for connect-per-request). The CPU of the whole load run, warm-up and drain
+included, is kept beside it as ``run_cpu_s`` (not divided by anything).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -22,6 +34,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -32,8 +45,10 @@ from lab.measure.peers import PEERS
 from lab.measure.result import LoadResult
 
 IDLE_WINDOW = 1.0  # seconds of idle CPU measured before the run
+CPU_SAMPLE = 0.05  # seconds between readings of the server's CPU during the run
 READY_TIMEOUT = 20.0
 STATS_TIMEOUT = 10.0
+SETTLE_TIMEOUT = 2.0  # how long after the load the server may take to see every connection end
 _READY = re.compile(r"ready design=(\S+) address=(\S+) port=(\d+) pid=(\d+)")
 
 
@@ -56,9 +71,16 @@ class ServerSpec:
 
 @dataclass
 class ServerCost:
-    cpu_s: float = 0.0  # server CPU over the run, idle rate subtracted
+    """What the server paid for one run (see the module docstring for the CPU window)."""
+
+    cpu_s: float = 0.0  # server CPU over the measured window, idle rate subtracted
     idle_cpu_rate: float = 0.0  # CPU seconds per second while idle (health probes …)
-    cpu_s_per_1000: float | None = None  # per 1,000 connections/requests the server served
+    window_s: float = 0.0  # the measured window's length
+    requests: int = 0  # echoed messages measured in that window: what cpu_s is divided by
+    cpu_s_per_1000: float | None = None  # CPU seconds per 1,000 messages (= ms per message)
+    #: …per 1,000 connections of ``per_connection`` messages (connect-per-request: the same).
+    cpu_s_per_1000_connections: float | None = None
+    run_cpu_s: float = 0.0  # server CPU over the whole load run (warm-up, drain), idle subtracted
     memory_peak_bytes: int = 0
     memory_mean_bytes: float = 0.0
     listen_overflows: int = 0
@@ -108,29 +130,117 @@ def bench(backend: Backend, server: ServerSpec, config: LoadConfig) -> BenchResu
     host, port = backend.start(server)
     try:
         config = _retarget(config, host, port)
-        cpu_idle_start = backend.cpu_seconds()
-        time.sleep(IDLE_WINDOW)
-        idle_rate = max(0.0, (backend.cpu_seconds() - cpu_idle_start) / IDLE_WINDOW)
-        before = backend.stats()
-        overflows = backend.listen_overflows()
-        cpu_start, started = backend.cpu_seconds(), time.monotonic()
-        with probe.Sampler(backend.memory_bytes) as memory:
-            result = backend.load(config)
-        cpu = backend.cpu_seconds() - cpu_start - idle_rate * (time.monotonic() - started)
-        after = backend.stats()
+        with CpuTrace(backend.cpu_seconds) as cpu:
+            # The idle rate is measured under the same observation as the run (both samplers
+            # running), so what observing costs the server — a `docker exec` per reading in a
+            # container — is subtracted with it.
+            with probe.Sampler(backend.memory_bytes):
+                idle_start = time.time()
+                time.sleep(IDLE_WINDOW)
+                idle_end = time.time()
+            idle_rate = cpu.between(idle_start, idle_end) / max(idle_end - idle_start, 1e-9)
+            before = backend.stats()
+            overflows = backend.listen_overflows()
+            with probe.Sampler(backend.memory_bytes) as memory:
+                load_start = time.time()
+                result = backend.load(config)
+                load_end = time.time()
+        after = _settled_stats(backend)
+        window = max(0.0, result.measure_end - result.measure_start)
+        window_cpu = cpu.between(result.measure_start, result.measure_end) - idle_rate * window
+        run_cpu = cpu.between(load_start, load_end) - idle_rate * (load_end - load_start)
         cost = ServerCost(
-            cpu_s=max(0.0, cpu),
+            cpu_s=max(0.0, window_cpu),
             idle_cpu_rate=idle_rate,
+            window_s=window,
+            requests=result.requests,
+            run_cpu_s=max(0.0, run_cpu),
             memory_peak_bytes=memory.peak,
             memory_mean_bytes=memory.mean,
             listen_overflows=backend.listen_overflows() - overflows,
             stats=probe.stats_delta(before, after) if before and after else {},
         )
-        served = cost.stats.get("completed") or result.connections * config.per_connection
-        cost.cpu_s_per_1000 = cost.cpu_s / served * 1000 if served else None
+        if result.requests:
+            cost.cpu_s_per_1000 = cost.cpu_s / result.requests * 1000
+            cost.cpu_s_per_1000_connections = cost.cpu_s_per_1000 * config.per_connection
         return BenchResult(backend.name, server, result.to_dict(), cost)
     finally:
         backend.stop()
+
+
+def _settled_stats(backend: Backend) -> dict[str, Any] | None:
+    """The server's statistics once it has seen every connection end (a connection's bytes are
+    counted when it ends, and the loaders' last closes may still be on their way), or as they
+    are after :data:`SETTLE_TIMEOUT`. Read after the measured window: these reads cost nothing
+    that is measured."""
+    deadline = time.monotonic() + SETTLE_TIMEOUT
+    while True:
+        stats = backend.stats()
+        if not stats or not stats.get("in_flight") or time.monotonic() > deadline:
+            return stats
+        time.sleep(CPU_SAMPLE)
+
+
+class CpuTrace:
+    """The server's CPU read every ``interval`` seconds in a thread, each reading stamped with
+    the UNIX time, so the CPU of any window of the run can be read afterwards (:meth:`between`,
+    interpolated linearly between the readings around each end). One reading is taken on entry
+    and one on exit, so the trace brackets everything done inside the ``with``."""
+
+    def __init__(self, read: Callable[[], float], interval: float = CPU_SAMPLE) -> None:
+        self.read = read
+        self.interval = interval
+        self.samples: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> CpuTrace:
+        self._sample()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self._sample()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def _sample(self) -> None:
+        began = time.time()
+        try:
+            value = self.read()
+        except Exception:  # a reading that failed (the server just exited …) is left out
+            return
+        self.samples.append(((began + time.time()) / 2, value))
+
+    @property
+    def first(self) -> float:
+        return self.samples[0][0] if self.samples else 0.0
+
+    @property
+    def last(self) -> float:
+        return self.samples[-1][0] if self.samples else 0.0
+
+    def at(self, when: float) -> float:
+        """The CPU reading at UNIX time ``when`` (clamped to the trace's ends)."""
+        samples = self.samples
+        if not samples:
+            return 0.0
+        if when <= samples[0][0]:
+            return samples[0][1]
+        for (t0, v0), (t1, v1) in itertools.pairwise(samples):
+            if when <= t1:
+                return v0 + (v1 - v0) * (when - t0) / (t1 - t0) if t1 > t0 else v1
+        return samples[-1][1]
+
+    def between(self, start: float, end: float) -> float:
+        """CPU seconds used from ``start`` to ``end`` (UNIX times)."""
+        return max(0.0, self.at(end) - self.at(start))
 
 
 def _retarget(config: LoadConfig, host: str, port: int) -> LoadConfig:
