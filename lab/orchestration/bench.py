@@ -107,6 +107,7 @@ class DockerBackend:
         self.engine = client()
         self.peer: Container | None = None
         self.peer_name = ""
+        self.peer_options: tuple[str, ...] = ()  # the options the running peer was given
         self._current: tuple[str, dict[str, str]] | None = None  # design and env now running
 
     # -- the server ---------------------------------------------------------------------------
@@ -115,9 +116,10 @@ class DockerBackend:
         times); otherwise switch the server (or put a peer in its place)."""
         env = {"LAB_TRACE": "0", **options_env(server.options)}  # tracing would be measured
         if server.peer:
-            if self.peer is None or self.peer_name != server.peer:
+            wanted = (server.peer, server.options)  # another peer, or other options: restart
+            if self.peer is None or (self.peer_name, self.peer_options) != wanted:
                 self._remove_peer()
-                self._start_peer(server.peer)
+                self._start_peer(server.peer, server.options)
             return SERVER_HOST, SERVER_PORT
         self._remove_peer()
         running = [c for c in stack.containers(self.engine, self.project) if c.status == "running"]
@@ -140,7 +142,7 @@ class DockerBackend:
     def _server_running(self) -> bool:
         return stack.server_container(self.engine, self.project).status == "running"
 
-    def _start_peer(self, peer: str) -> None:
+    def _start_peer(self, peer: str, options: tuple[str, ...] = ()) -> None:
         """A peer takes the server's place: the compose server stops, and the peer runs in a
         container of the same image, hardening and network, under the alias ``bakawali``.
         The next design's start recreates the compose server."""
@@ -153,7 +155,8 @@ class DockerBackend:
         server.stop(timeout=20)
         container = self.engine.containers.create(
             image,
-            ["python3", "-m", "lab.measure.peers", peer, "--port", str(SERVER_PORT)],
+            # the spec's options (e.g. --workers for the C pools) as for a local peer
+            ["python3", "-m", "lab.measure.peers", peer, "--port", str(SERVER_PORT), *options],
             name=f"{self.project}_peer_{peer}",
             hostname=SERVER_HOST,
             init=True,
@@ -172,7 +175,7 @@ class DockerBackend:
         )
         self.engine.networks.get(network).connect(container, aliases=[SERVER_HOST])
         container.start()
-        self.peer, self.peer_name = container, peer
+        self.peer, self.peer_name, self.peer_options = container, peer, options
         self._apply_pinning()
         self._current = None  # the compose server is stopped: a design must switch it back
         deadline = time.monotonic() + 30
