@@ -45,11 +45,15 @@ BACKOFF_MAX = 1.0  # … up to this
 
 
 class Acceptor:
-    """Accepts from a non-blocking listening socket, applying the policy above."""
+    """Accepts from a listening socket, applying the policy above. Connections come back as
+    descriptor numbers (``socket._accept()``): the designs hand them on (fork, posix_spawn,
+    sendmsg) or serve them with os-level calls, so no socket object is built per connection."""
 
     def __init__(self, listener: socket.socket, log: Log) -> None:
         self.listener = listener
+        self._accept = listener._accept  # type: ignore[attr-defined]
         self.log = log
+        self.tracing = log.tracing
         self.spare: int | None = self._open_spare()
         self.backoff = 0.0
         self.paused_until = 0.0
@@ -67,32 +71,50 @@ class Acceptor:
     def paused(self, now: float) -> bool:
         return now < self.paused_until
 
-    def accept(self) -> tuple[socket.socket, object] | None:
-        """A new connection, or None (nothing waiting, a failed connection skipped, or backing
-        off: see :attr:`paused_until`)."""
+    def accept(self) -> int | None:
+        """A new connection's descriptor, or None (nothing waiting on a non-blocking listener,
+        a failed connection skipped, or backing off: see :attr:`paused_until`). On a blocking
+        listener it waits (up to its SO_RCVTIMEO: then None)."""
+        try:
+            fd, _ = self._accept()
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError as exc:
+            return self._failed(exc)
+        if self._exhausted or self.backoff:
+            self._recovered()
+        if self.tracing:
+            self.log.trace("accept() is OK")
+        return int(fd)
+
+    def _failed(self, exc: OSError) -> int | None:
         for _ in range(SKIP_AT_MOST):
-            try:
-                conn, address = self.listener.accept()
+            if exc.errno in RESOURCE_ERRNOS:
+                self._out_of_resources(exc)
+                return None
+            if exc.errno not in CONNECTION_ERRNOS:
+                raise exc
+            try:  # that connection failed; the next one may be fine
+                fd, _ = self._accept()
             except (BlockingIOError, InterruptedError):
                 return None
-            except OSError as exc:
-                if exc.errno in CONNECTION_ERRNOS:
-                    continue  # that connection failed; the next one may be fine
-                if exc.errno in RESOURCE_ERRNOS:
-                    self._out_of_resources(exc)
-                    return None
-                raise
-            if self._exhausted:
-                self.log.notice(
-                    f"accept() recovered; {self._episode_shed} connection(s) shed while out of "
-                    "descriptors"
-                )
-                self._exhausted = False
-                self._episode_shed = 0
-            self.backoff = 0.0
-            self.log.trace("accept() is OK")
-            return conn, address
+            except OSError as again:
+                exc = again
+                continue
+            if self.tracing:
+                self.log.trace("accept() is OK")
+            return int(fd)
         return None
+
+    def _recovered(self) -> None:
+        if self._exhausted:
+            self.log.notice(
+                f"accept() recovered; {self._episode_shed} connection(s) shed while out of "
+                "descriptors"
+            )
+            self._exhausted = False
+            self._episode_shed = 0
+        self.backoff = 0.0
 
     def _out_of_resources(self, exc: OSError) -> None:
         if not self._exhausted:
@@ -106,8 +128,8 @@ class Acceptor:
             os.close(self.spare)
             self.spare = None
             try:
-                conn, _ = self.listener.accept()
-                conn.close()
+                fd, _ = self._accept()
+                os.close(fd)
                 self.shed += 1
                 self._episode_shed += 1
             except OSError:

@@ -1,12 +1,24 @@
 """The server lifecycle every design shares, in the spirit of CPython's ``socketserver``:
 
     bind → listen → start → [ready] → loop: get_request → process_request → close_request
-    → on SIGTERM/SIGINT: drain the backlog → finish in-flight work (≤ --grace) → exit 0
+    → on SIGTERM/SIGINT: drain what was queued → finish in-flight work (≤ --grace) → exit 0
 
-A design is a subclass that overrides one step: ``process_request`` (serve inline, fork,
-spawn, hand the descriptor to a worker) and, for designs with helper processes, ``start`` and
-``finish``. The loop waits in ``poll()`` on the listening socket, the signal pipe and any
-descriptors a design adds, so it wakes for connections and signals alike.
+A design is a subclass that overrides one step: ``process_request`` (fork, spawn, hand the
+descriptor to a worker) and, for designs with helper processes, ``start`` and ``finish``; a design
+whose single process serves connections itself (``iterative``) overrides ``run``.
+
+The loop here is a *supervising* loop: it waits in ``poll()`` on the listening socket, the
+signal pipe, the health port and any descriptor a design adds, and it accepts until the queue
+is empty before it waits again — so under load a ``poll()`` is paid per batch of connections,
+not per connection. Signals are recorded by the handler and handled here
+(:class:`~lab.sockets.signals.SignalQueue`).
+
+Stopping drains the listen queue without letting newcomers in: ``listen(fd, 0)`` on the
+listening socket shrinks its backlog, so the kernel queues no new handshakes (it drops their
+SYNs: the clients retry and find the listener closed), while the connections already queued —
+their number is ``tcpi_unacked`` of the listener's ``TCP_INFO`` — are accepted and served. Then
+the listener is closed; a connection that raced into the queue in between is reset by the
+kernel (one or two at most, under load).
 """
 
 from __future__ import annotations
@@ -18,6 +30,7 @@ import os
 import select
 import signal
 import socket
+import struct
 import time
 from typing import ClassVar
 
@@ -25,7 +38,8 @@ from lab.sockets import process, signals
 from lab.sockets.accept import Acceptor
 from lab.sockets.config import ConfigError, ServerConfig
 from lab.sockets.log import Log
-from lab.sockets.stats import STOPPED, WORKER_DIED, ReportPipe, Stats
+from lab.sockets.serving import set_timeouts
+from lab.sockets.stats import STOPPED, WORKER_DIED, Counters, ReportPipe, Stats
 
 # Named exit codes of a server process.
 EXIT_OK = 0
@@ -34,10 +48,22 @@ EXIT_USAGE = 2  # a bad option: one line says which and how to fix it
 EXIT_BIND = 3  # could not bind/listen (port in use, no permission, address not here)
 
 HEALTH_BACKLOG = 16  # health probes come every second or two; they never pile up
+# The signals every server process routes to its owner (children inherit the handlers).
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGCHLD, signal.SIGALRM)
 
 
 class BindError(Exception):
     """Binding or listening failed: the message names the fix."""
+
+
+def accept_queue_length(listener: socket.socket) -> int:
+    """How many completed connections wait in a listening socket's accept queue: Linux reports
+    it as ``tcpi_unacked`` in the listener's TCP_INFO (and the backlog as ``tcpi_sacked``)."""
+    try:
+        info = listener.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+        return int(struct.unpack_from("8B6I", info)[12])
+    except OSError:
+        return 0
 
 
 class Server:
@@ -45,19 +71,22 @@ class Server:
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""  # one line: how it works
     origin: ClassVar[str] = ""  # where it comes from
+    # The C reference peer this design is measured against (the report's ×C column):
+    # ``peer-c-<family>``. "prefork": a process (or thread) that accepts and serves;
+    # "fork": a new process per connection; "epoll": event loops on the shared listener.
+    family: ClassVar[str] = "prefork"
     # The listen backlog: how many connections the kernel completes and queues (the three-way
     # handshake is done, accept() not yet called) while the server is busy. Linux caps it at
     # net.core.somaxconn. When it is full, Linux does not refuse: it drops the SYN and the
     # client's kernel retransmits it after about 1, 3, 7 … seconds.
     default_backlog: ClassVar[int] = 128
-    # The C reference peer this design is measured against (the report's ×C column):
-    # ``peer-c-<family>``. "prefork": a process (or thread) that accepts and serves;
-    # "fork": a new process per connection; "epoll": event loops on the shared listener.
-    family: ClassVar[str] = "prefork"
     # Whether statistics count connections by worker pid (pool designs).
     per_worker_stats: ClassVar[bool] = False
     # At most this many accept() calls per wake-up, so signals and children are looked after.
     accepts_per_wakeup: ClassVar[int] = 64
+    # System calls this design makes, besides its echo's one recv and one send per message:
+    # per connection (steady state, tracing off) — checked by tests/test_syscall_budget.py.
+    syscalls_per_connection: ClassVar[dict[str, int]] = {}
 
     @classmethod
     def check_config(cls, config: ServerConfig) -> None:
@@ -68,27 +97,22 @@ class Server:
     def __init__(self, config: ServerConfig, log: Log | None = None) -> None:
         self.config = config
         self.log = log if log is not None else Log(config.trace)
-        self.stats = Stats(self.name)
+        self.tracing = self.log.tracing
+        self.stats = Stats(self.name, per_worker_enabled=self.per_worker_stats)
         self.backlog = config.resolved_backlog(self.default_backlog)
         self.stopping = False
         self._stop_deadline: float | None = None
         self.drain_on_stop = True
         self.children: dict[int, str] = {}  # pid → what it is ("worker", "child")
         self.killing = False  # past the grace period: children are being killed
-        self.report = ReportPipe(per_worker=self.per_worker_stats)
+        self.counters = Counters(self.counter_slots())
+        self.report: ReportPipe | None = None  # spawn's programs report on a pipe
         self._extra: dict[int, int] = {}  # descriptor → poll events, added by designs
         self.health: socket.socket | None = None
 
-    # -- the Host protocol the echo loop uses -------------------------------------------
-    def housekeeping_fds(self) -> tuple[int, ...]:
-        fds = (self.signal_queue.fileno(),)
-        return fds + ((self.health.fileno(),) if self.health is not None else ())
-
-    def on_housekeeping(self, fd: int) -> None:
-        if fd == self.signal_queue.fileno():
-            self.on_signals()
-        else:
-            self.answer_health_probes()
+    def counter_slots(self) -> int:
+        """How many processes count at once (shared-memory slots); 1: the server itself."""
+        return 1
 
     @property
     def stop_deadline(self) -> float | None:
@@ -102,9 +126,7 @@ class Server:
 
     def answer_health_probes(self) -> None:
         """A probe on the health port gets "ok" and a close. Probes are counted apart from
-        connections, never traced and never count towards --connections — and they are
-        answered even while a connection is being served (the echo loop watches this port),
-        so a busy iterative server is not reported unhealthy."""
+        connections, never traced and never count towards --connections."""
         assert self.health is not None
         while True:
             try:
@@ -121,10 +143,11 @@ class Server:
 
     # -- lifecycle ----------------------------------------------------------------------
     def serve_forever(self) -> int:
-        self.signal_queue = signals.SignalQueue(
-            (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGCHLD)
-        )
+        self.signal_queue = signals.SignalQueue(SIGNALS)
         self.listener = self.bind_and_listen(self.config.port, self.backlog)
+        # Inherited by every accepted socket (and by a descriptor passed on): the idle timeout
+        # costs no system call per connection or message. See lab.sockets.serving.
+        set_timeouts(self.listener, self.config.idle_timeout)
         self.health = (
             self.bind_and_listen(self.config.health_port, HEALTH_BACKLOG, quiet=True)
             if self.config.health_port
@@ -198,49 +221,58 @@ class Server:
         return {}
 
     def run(self) -> None:
-        """Accept and dispatch until asked to stop. A stop with drain (SIGTERM/SIGINT) then
-        keeps the loop going until the backlog is empty — serving what the kernel already
-        completed instead of resetting it, waiting for room where a design is at its cap —
-        or until the grace period is over."""
+        """Accept and dispatch until asked to stop; then drain what the kernel had queued when
+        the stop began (see the module docstring) — waiting for room where a design is at its
+        cap — or until the grace period is over."""
         poller = select.poll()
-        poller.register(self.signal_queue.fileno(), select.POLLIN)
-        poller.register(self.report.read_fd, select.POLLIN)
-        if self.health is not None:
-            poller.register(self.health, select.POLLIN)
+        signal_fd = self.signal_queue.fileno()
+        poller.register(signal_fd, select.POLLIN)
+        report_fd = self.report.read_fd if self.report is not None else -1
+        if report_fd >= 0:
+            poller.register(report_fd, select.POLLIN)
+        health_fd = self.health.fileno() if self.health is not None else -1
+        if health_fd >= 0:
+            poller.register(health_fd, select.POLLIN)
+        listener_fd = self.listener.fileno()
+        registered: dict[int, int] = {}
         listening = False
         while True:
-            now = time.monotonic()
-            ready = self.accepting() and not self.acceptor.paused(now)
+            ready = self.accepting() and not self.acceptor.paused(time.monotonic())
             if self.stopping:
+                now = time.monotonic()
                 if not self.drain_on_stop or now >= (self._stop_deadline or now):
                     break
                 if ready:
-                    request = self.get_request()
-                    if request is None:
-                        break  # the backlog is empty
-                    self.handle(*request)
+                    fd = self.get_request()
+                    if fd is None:
+                        break  # the queue is empty
+                    self.handle(fd)
                     continue
-            for fd, events in self._extra.items():
-                poller.register(fd, events)  # register() also modifies
+            if self._extra != registered:
+                for fd in registered.keys() - self._extra.keys():
+                    poller.unregister(fd)
+                for fd, events in self._extra.items():
+                    poller.register(fd, events)  # register() also modifies
+                registered = dict(self._extra)
             want = ready and not self.stopping
             if want != listening:
                 if want:
-                    poller.register(self.listener, select.POLLIN)
+                    poller.register(listener_fd, select.POLLIN)
                 else:
-                    poller.unregister(self.listener)
+                    poller.unregister(listener_fd)
                 listening = want
-            timeout = self.poll_timeout(now)
+            timeout = self.poll_timeout(time.monotonic())
             if self.stopping and self._stop_deadline is not None:
-                timeout = min(timeout or math.inf, self._stop_deadline - now)
-            for fd, events in poller.poll(None if timeout is None else timeout * 1000):
-                if fd == self.signal_queue.fileno():
-                    self.on_signals()
-                elif fd == self.listener.fileno():
+                timeout = min(timeout or math.inf, self._stop_deadline - time.monotonic())
+            for fd, events in poller.poll(None if timeout is None else max(0.0, timeout) * 1000):
+                if fd == listener_fd:
                     if not self.stopping:
                         self.accept_ready()
-                elif fd == self.report.read_fd:
+                elif fd == signal_fd:
+                    self.on_signals()
+                elif fd == report_fd:
                     self.collect()
-                elif self.health is not None and fd == self.health.fileno():
+                elif fd == health_fd:
                     self.answer_health_probes()
                 else:
                     self.on_ready(fd, events)
@@ -259,37 +291,38 @@ class Server:
 
     def accept_ready(self) -> None:
         for _ in range(self.accepts_per_wakeup):
-            request = self.get_request()
-            if request is None:
+            fd = self.get_request()
+            if fd is None:
                 break
-            self.handle(*request)
+            self.handle(fd)
             if self.stopping or not self.accepting():
                 break
 
-    def get_request(self) -> tuple[socket.socket, object] | None:
+    def get_request(self) -> int | None:
         shed_before = self.acceptor.shed
-        request = self.acceptor.accept()
-        shed = self.acceptor.shed - shed_before
-        self.stats.accepted += shed
-        self.stats.shed += shed
-        return request
+        fd = self.acceptor.accept()
+        if self.acceptor.shed != shed_before:
+            shed = self.acceptor.shed - shed_before
+            self.stats.accepted += shed
+            self.stats.shed += shed
+        return fd
 
-    def handle(self, conn: socket.socket, address: object) -> None:
+    def handle(self, fd: int) -> None:
         self.stats.accepted += 1
         try:
-            self.process_request(conn, address)
+            self.process_request(fd)
         finally:
-            self.close_request(conn)
+            self.close_request(fd)
         limit = self.config.connections
         if limit and self.stats.accepted >= limit and not self.stopping:
             self.log.trace(f"served {limit} connection(s): stopping")
             self.begin_stop(drain=False)
 
-    def process_request(self, conn: socket.socket, address: object) -> None:
+    def process_request(self, fd: int) -> None:
         raise NotImplementedError
 
-    def close_request(self, conn: socket.socket) -> None:
-        conn.close()
+    def close_request(self, fd: int) -> None:
+        os.close(fd)
 
     def on_ready(self, fd: int, events: int) -> None:
         """A descriptor a design registered in ``_extra`` is ready."""
@@ -306,6 +339,16 @@ class Server:
         self.stopping = True
         self.drain_on_stop = drain
         self._stop_deadline = time.monotonic() + self.config.grace
+        if drain:
+            self.close_the_door()
+
+    def close_the_door(self) -> None:
+        """Let no new connection into the queue; those already queued will be served."""
+        queued = accept_queue_length(self.listener)
+        with contextlib.suppress(OSError):
+            self.listener.listen(0)
+        if self.tracing:
+            self.log.trace(f"stopping: serving the {queued} queued connection(s), no new ones")
 
     def handle_term(self) -> None:
         self.begin_stop()
@@ -335,17 +378,19 @@ class Server:
     def wait_for_children(self) -> None:
         poller = select.poll()
         poller.register(self.signal_queue.fileno(), select.POLLIN)
-        poller.register(self.report.read_fd, select.POLLIN)
+        if self.report is not None:
+            poller.register(self.report.read_fd, select.POLLIN)
         while self.children:
             remaining = (self._stop_deadline or 0.0) - time.monotonic()
             if remaining <= 0:
                 break
-            for fd, _ in poller.poll(remaining * 1000):
-                if fd == self.report.read_fd:
+            for fd, _ in poller.poll(min(remaining, self.stop_poll_interval()) * 1000):
+                if self.report is not None and fd == self.report.read_fd:
                     self.collect()
                 else:
                     self.on_signals()
             self.handle_chld()
+            self.while_stopping()
         if self.children:
             self.killing = True
             self.log.notice(f"grace period over: killing {len(self.children)} process(es)")
@@ -360,30 +405,37 @@ class Server:
                 self.collect()
                 self.child_exited(pid, status, role)
 
+    def stop_poll_interval(self) -> float:
+        return math.inf
+
+    def while_stopping(self) -> None:
+        """Once per wake-up while waiting for children to finish (a pool repeats SIGTERM)."""
+
     @staticmethod
     def _kill(pid: int, signum: int) -> None:
         with contextlib.suppress(ProcessLookupError):  # it ended meanwhile
             os.kill(pid, signum)
 
     def child_exited(self, pid: int, status: int, role: str) -> None:
-        """A child ended: count the connections it held and never reported."""
-        lost = self.report.open.pop(pid, 0)
-        if lost > 0:
-            reason = STOPPED if self.killing else WORKER_DIED
-            self.stats.failed[reason] += lost
-            if not self.killing:
-                self.log.notice(
-                    f"{role} {pid} {signals.explain_status(status)} "
-                    f"while serving {lost} connection(s)"
-                )
+        """A child ended: fold its counters; what it had in flight was lost with it."""
+        lost = self.counters.retire(pid, self.stats, STOPPED if self.killing else WORKER_DIED)
+        if lost > 0 and not self.killing:
+            self.log.notice(
+                f"{role} {pid} {signals.explain_status(status)} while serving {lost} connection(s)"
+            )
 
     def collect(self) -> None:
-        """Fold records from the processes that serve into the statistics."""
-        self.report.drain(self.stats)
+        """Fold records from spawned programs into the statistics."""
+        if self.report is not None:
+            self.report.drain(self.stats)
+
+    def current_stats(self) -> Stats:
+        return self.counters.snapshot(self.stats)
 
     def stats_line(self) -> str:
-        self.stats.workers_alive = sum(1 for r in self.children.values() if r == "worker")
-        return self.stats.to_json()
+        stats = self.current_stats()
+        stats.workers_alive = sum(1 for r in self.children.values() if r == "worker")
+        return stats.to_json()
 
     def close(self) -> None:
         if self.listener.fileno() != -1:

@@ -25,6 +25,18 @@ class Log:
         if self.tracing:
             self.line(f"[{os.getpid()}] {text}")
 
+    def line_now(self, text: str) -> None:
+        """A line from a signal handler: one write() straight to the descriptor, so it can
+        never re-enter a buffered write that the interrupted code was in the middle of."""
+        try:
+            fd = self.stream.fileno()
+        except (AttributeError, OSError, ValueError):
+            self.line(text)  # no descriptor (a test's StringIO): nothing to interrupt
+            return
+        data = (text + "\n").encode()
+        while data:
+            data = data[os.write(fd, data) :]
+
     def notice(self, text: str) -> None:
         """Something an operator should know (a worker died, descriptors ran out)."""
         self.line(f"[{os.getpid()}] lab: {text}")

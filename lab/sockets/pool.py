@@ -3,7 +3,9 @@
 The parent only supervises (gunicorn's arbiter): it forks the workers, reaps each one that dies,
 says why ("killed by SIGKILL — out of memory, or killed by hand?") and starts a replacement, and
 on SIGTERM stops them all. Workers ask the kernel to signal them when the parent dies
-(PR_SET_PDEATHSIG), so a SIGKILLed server leaves no orphans behind.
+(PR_SET_PDEATHSIG), so a SIGKILLed server leaves no orphans behind. Each worker counts in its own
+slot of shared memory; the parent folds a dead worker's slot into the totals, so per-worker
+counts survive the worker.
 """
 
 from __future__ import annotations
@@ -16,8 +18,7 @@ from lab.sockets import process, signals
 from lab.sockets.base import Server
 from lab.sockets.config import ServerConfig
 from lab.sockets.log import Log
-from lab.sockets.signals import SignalQueue
-from lab.sockets.stats import ReportPipe
+from lab.sockets.stats import Slot
 
 
 class PoolServer(Server):
@@ -34,6 +35,9 @@ class PoolServer(Server):
         self.deaths: deque[float] = deque(maxlen=self.CRASH_LIMIT)
         self.respawn_at: float | None = None
 
+    def counter_slots(self) -> int:
+        return self.config.pool_max + 1
+
     def ready_details(self) -> dict[str, object]:
         return {"workers": self.config.pool_size}
 
@@ -45,17 +49,26 @@ class PoolServer(Server):
         self.maintain_pool()
 
     def spawn_worker(self) -> int:
-        pid = process.fork(self.worker_main, keep_fds=(self.report.write_fd, *self.worker_keeps()))
+        slot = self.counters.assign()
+        try:
+            pid = process.fork(
+                lambda: self.worker_main(slot), keep_fds=self.worker_keeps(), long_lived=True
+            )
+        except OSError:
+            self.counters.release(slot)
+            raise
+        self.counters.bind(slot, pid)
         self.children[pid] = "worker"
-        self.log.trace(f"fork() is OK: worker {pid} started")
+        if self.tracing:
+            self.log.trace(f"fork() is OK: worker {pid} started")
         return pid
 
-    def worker_main(self) -> int:
+    def worker_main(self, slot: Slot) -> int:
         """The worker's whole life; returns its exit code."""
         raise NotImplementedError
 
     def worker_keeps(self) -> list[int]:
-        """The parent's descriptors a worker needs, besides the report pipe."""
+        """The parent's descriptors a worker needs."""
         raise NotImplementedError
 
     def maintain_pool(self) -> int:
@@ -67,10 +80,11 @@ class PoolServer(Server):
         return started
 
     def child_exited(self, pid: int, status: int, role: str) -> None:
+        expected = self.expected_exit(pid)
         super().child_exited(pid, status, role)
         if self.stopping:
-            return
-        if self.expected_exit(pid):
+            return  # told to stop: neither replaced nor reported
+        if expected:
             self.maintain_pool()
             return
         now = time.monotonic()
@@ -102,30 +116,3 @@ class PoolServer(Server):
     def signal_workers(self, signum: int = signal.SIGTERM) -> None:
         for pid in self.workers:
             self._kill(pid, signum)
-
-
-class PoolWorker:
-    """What a pool worker process shares: its own signal pipe (SIGTERM: finish what you have,
-    then leave; SIGINT stays ignored), the report pipe, and the echo loop's Host protocol."""
-
-    def __init__(self, config: ServerConfig, report: ReportPipe, log: Log) -> None:
-        self.config = config
-        self.report = report
-        self.log = log
-        self.signal_queue = SignalQueue((signal.SIGTERM,))
-        self._stop_deadline: float | None = None
-
-    def housekeeping_fds(self) -> tuple[int, ...]:
-        return (self.signal_queue.fileno(),)
-
-    def on_housekeeping(self, fd: int) -> None:
-        if signal.SIGTERM in self.signal_queue.pending() and self._stop_deadline is None:
-            self._stop_deadline = time.monotonic() + self.config.grace
-
-    @property
-    def stop_deadline(self) -> float | None:
-        return self._stop_deadline
-
-    @property
-    def stopping(self) -> bool:
-        return self._stop_deadline is not None

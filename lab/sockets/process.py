@@ -13,61 +13,53 @@ from collections.abc import Callable, Iterable
 from lab.sockets import signals
 
 # Named exit codes of the processes a server forks (gunicorn's habit: a code says what happened).
-EXIT_OK = 0
+EXIT_OK = 0  # done: told to stop, retired, or its one connection ended
 EXIT_CRASHED = 1  # an unexpected exception in the child (its traceback went to stderr)
 EXIT_PARENT_GONE = 4  # the parent died before the child could start
 
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-_libc = ctypes.CDLL(None, use_errno=True)
+_OPEN_MAX = os.sysconf("SC_OPEN_MAX")  # read once: sysconf() is a getrlimit() call
 
 
-def die_with_parent(parent_pid: int, signum: int = signal.SIGKILL) -> None:
-    """Ask the kernel to send ``signum`` when the parent dies, so no worker outlives a server
-    that was SIGKILLed. SIGKILL, not SIGTERM: a worker would treat SIGTERM as "finish your
-    connection, then leave" and linger as an orphan holding the listening socket, so new
-    clients would connect to a server that is gone. The check after it covers a parent that
-    died before the prctl()."""
-    _libc.prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0)
-    if os.getppid() != parent_pid:
+_prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+
+def die_with_parent(parent_pid: int | None, signum: int = signal.SIGKILL) -> None:
+    """Ask the kernel to send ``signum`` when the parent dies, so no worker or child outlives a
+    server that was SIGKILLed. SIGKILL, not SIGTERM: a worker would treat SIGTERM as "finish
+    your connection, then leave" and linger as an orphan. Given ``parent_pid``, the check after
+    it covers a parent that died before the prctl() (a long-lived worker pays that one more
+    system call; a child with one connection does not: at worst it serves it and exits)."""
+    _prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0)
+    if parent_pid is not None and os.getppid() != parent_pid:
         os._exit(EXIT_PARENT_GONE)
 
 
-def fork(child: Callable[[], int], keep_fds: Iterable[int] = ()) -> int:
+def fork(child: Callable[[], int], keep_fds: Iterable[int] = (), long_lived: bool = False) -> int:
     """fork(); in the child run ``child()`` and end the process with its return value.
 
     The child keeps stdin/stdout/stderr and ``keep_fds`` and closes every other descriptor it
     inherited: a fork copies them all (close-on-exec does not apply without an exec), and a
-    copy of a connection left in a long-lived worker keeps that connection open — the client
-    waits for an EOF that only comes when the worker dies. A keep-list cannot forget one.
+    child holding the listening socket would keep it open after the parent closed it — new
+    clients would queue where nobody accepts. A keep-list cannot forget one; ``close_range()``
+    makes it one or two system calls.
 
-    All signals are blocked around fork() so that none is handled in the child while it still
-    shares the parent's signal pipe; the child drops that pipe, takes default dispositions
-    (SIGINT ignored: Ctrl-C reaches the whole process group and the parent coordinates the
-    shutdown), asks to die with its parent, then unblocks. stdout is flushed first, or buffered
-    output would be printed twice.
+    The child inherits the parent's signal handlers and detaches from the parent's wake-up pipe
+    and queue (no system call, see :mod:`lab.sockets.signals`); ``child()`` makes itself their
+    owner. Every child asks to die with its parent. stdout is flushed first, or buffered output
+    would be printed twice.
     """
     sys.stdout.flush()
     sys.stderr.flush()
     parent = os.getpid()
-    mask = signals.block_all()
-    try:
-        pid = os.fork()
-    except OSError:
-        signals.restore(mask)
-        raise
+    pid = os.fork()
     if pid:
-        signals.restore(mask)
         return pid
     code = EXIT_CRASHED
     try:
-        signal.set_wakeup_fd(-1)
+        signals.detach_after_fork()
         close_all_but(keep_fds)
-        for signum in (signal.SIGTERM, signal.SIGCHLD, signal.SIGHUP):
-            signal.signal(signum, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-        die_with_parent(parent)
-        signals.restore(mask)
+        die_with_parent(parent if long_lived else None)
         code = child()
     except BaseException:
         traceback.print_exc()
@@ -84,9 +76,10 @@ def close_all_but(keep: Iterable[int]) -> None:
     low = 3
     for fd in sorted(set(keep)):
         if fd >= low:
-            os.closerange(low, fd)
+            if fd > low:
+                os.closerange(low, fd)
             low = fd + 1
-    os.closerange(low, os.sysconf("SC_OPEN_MAX"))
+    os.closerange(low, _OPEN_MAX)
 
 
 def reap() -> list[tuple[int, int]]:

@@ -1,39 +1,86 @@
-"""Signals as data: the handler only queues, the loop that owns the process dispatches.
+"""Signals: who reacts, and when.
 
-Why not a handler that sets a flag? Since PEP 475 (Python 3.5) a blocking ``accept()``,
-``recv()`` or ``recvmsg()`` interrupted by a signal is *retried* after the handler runs, so a
-flag set by the handler is not looked at until the next client arrives. Instead every blocking
-loop waits in ``poll()`` on its sockets *and* on a pipe: ``signal.set_wakeup_fd`` makes the C-level
-handler write the signal number into that pipe, which wakes the poll. The bytes in the pipe are
-the queue; :meth:`SignalQueue.pending` reads them and the owner calls ``handle_<name>``.
+Every process installs one Python-level handler, :func:`_dispatch`, for the signals it cares
+about; the handler calls the process's current *owner* (:func:`set_owner`). A forked child
+inherits the installed handlers, so making itself the owner costs no system call.
+
+Two kinds of owner:
+
+* A supervising loop (a parent that waits in ``poll()``) owns a :class:`SignalQueue`: the
+  handler only records the signal (gunicorn's habit: handlers queue, the loop acts), and
+  ``signal.set_wakeup_fd`` makes the C-level handler write a byte into a pipe the loop polls,
+  so the wait ends. The *record* is the truth, the byte only a wake-up: a forked child that gets
+  a signal before it dropped the wakeup fd writes a byte to its parent's pipe, which then wakes
+  for nothing and goes back to sleep.
+* A process that serves connections in blocking system calls (``lab.sockets.serving``) reacts in
+  the handler itself: PEP 475 retries an interrupted ``recv``/``accept`` *after running the
+  handler*, so the handler is the only code that runs while the process waits.
 """
 
 from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from types import FrameType
 
 # Signals whose dispositions a spawned program must get back as SIG_DFL: Python ignores
 # SIGPIPE, we ignore SIGINT in workers, and ignored dispositions survive exec().
 RESET_ON_EXEC = frozenset(
-    {signal.SIGPIPE, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGUSR1, signal.SIGHUP}
+    {
+        signal.SIGPIPE,
+        signal.SIGTERM,
+        signal.SIGINT,
+        signal.SIGCHLD,
+        signal.SIGUSR1,
+        signal.SIGHUP,
+        signal.SIGALRM,
+    }
 )
+# The order a loop handles what arrived together: stop requests before child exits, so a
+# worker that left because the whole process group was told to stop is not taken for news.
+PRIORITY: dict[int, int] = {
+    signal.SIGTERM: 0,
+    signal.SIGINT: 0,
+    signal.SIGALRM: 1,
+    signal.SIGUSR1: 2,
+}
+
+_owner: Callable[[int], None] | None = None
 
 
-def _queue_only(signum: int, frame: FrameType | None) -> None:
-    """The Python-level handler does nothing: the wakeup fd already carries the signal number."""
+def _dispatch(signum: int, frame: FrameType | None) -> None:
+    if _owner is not None:
+        _owner(signum)
+
+
+def install(signums: Iterable[int], owner: Callable[[int], None]) -> None:
+    """Route ``signums`` to ``owner`` (one sigaction each: once per process, not per fork)."""
+    set_owner(owner)
+    for signum in signums:
+        signal.signal(signum, _dispatch)
+
+
+def set_owner(owner: Callable[[int], None] | None) -> None:
+    """Who reacts to the installed signals from now on (no system call)."""
+    global _owner
+    _owner = owner
 
 
 class SignalQueue:
+    """A supervising loop's signals: recorded by the handler, handled by the loop."""
+
     def __init__(self, signums: Iterable[int]) -> None:
         self._read, self._write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         # A full pipe would drop a byte, not block a handler: fine, the loop is already awake.
         signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
         self.signums = tuple(signums)
-        for signum in self.signums:
-            signal.signal(signum, _queue_only)
+        self._pending: list[int] = []
+        install(self.signums, self.record)
+
+    def record(self, signum: int) -> None:
+        if signum not in self._pending:
+            self._pending.append(signum)
 
     def fileno(self) -> int:
         return self._read
@@ -43,17 +90,15 @@ class SignalQueue:
         return self._read, self._write
 
     def pending(self) -> list[int]:
-        """Signal numbers received since the last call, in order, each once."""
-        received: list[int] = []
-        while True:
+        """Signals received since the last call, each once, stop requests first."""
+        while True:  # empty the wake-up pipe: the bytes were only there to end the poll()
             try:
-                data = os.read(self._read, 512)
+                if not os.read(self._read, 512):
+                    break
             except BlockingIOError:
                 break
-            if not data:
-                break
-            received += [n for n in data if n not in received]
-        return received
+        received, self._pending = self._pending, []
+        return sorted(received, key=lambda s: PRIORITY.get(s, 3))
 
     def close(self) -> None:
         """Detach from the process (a forked child calls this before making its own queue)."""
@@ -62,14 +107,20 @@ class SignalQueue:
         os.close(self._write)
 
 
+def detach_after_fork() -> None:
+    """In a forked child: stop writing the parent's wake-up pipe and stop feeding its queue.
+    (No system call: the wakeup fd is a variable of the signal module.)"""
+    signal.set_wakeup_fd(-1)
+    set_owner(None)
+
+
 def handler_name(signum: int) -> str:
     """``SIGTERM`` → ``handle_term``: the method a loop dispatches to."""
     return "handle_" + signal.Signals(signum).name.removeprefix("SIG").lower()
 
 
 def block_all() -> set[int]:
-    """Block every signal (around fork(), so none lands in a child still holding the parent's
-    wakeup pipe); returns the previous mask for :func:`restore`."""
+    """Block every signal; returns the previous mask for :func:`restore`."""
     return set(signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals()))
 
 

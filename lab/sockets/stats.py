@@ -1,20 +1,24 @@
-"""Server statistics, and the pipe that carries them from the processes that serve.
+"""Server statistics, kept where they cost no system call.
 
 The process that prints statistics (the server, or the supervising parent) is often not the one
-that served the connection: a forked child, a pool worker or a spawned program did. Each of those
-writes one short record per event to a pipe inherited from the parent. A write of at most
-PIPE_BUF (4096) bytes to a pipe is atomic, so records from many writers never interleave. The
-parent folds them into :class:`Stats`, so a worker's death loses at most the connection it was
-serving, never its history — that is how per-worker counts survive a killed worker.
+that served the connection: a forked child or a pool worker did. Each such process counts in its
+own *slot* of a shared memory region (:class:`Counters`) that the parent maps before ``fork()``:
+``mmap(-1, …)`` is anonymous and ``MAP_SHARED``, so parent and children see the same pages. A
+slot is a row of 64-bit integers that only its process writes (an aligned 8-byte store is
+atomic on the machines we run on, so the parent never reads half a number). Counting is a store
+to memory — no ``write()`` per connection, no parent woken to read a record — and the counts
+outlive the process: when a worker dies the parent folds its slot into the totals, and whatever
+the slot had accepted but not ended is what the death cost. The parent reads the slots only when
+it needs a figure (SIGUSR1, the final line, ``lab bench``).
 
-Record format, one line of ASCII: ``a PID`` (a worker accepted a connection) or
-``d PID OUTCOME BYTES_IN BYTES_OUT`` (a connection ended).
+A program that ``spawn`` starts is not a fork of ours and cannot share the mapping; the lab's own
+worker program writes one record per connection to a pipe instead (:class:`ReportPipe`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
+import mmap
 import os
 import time
 from collections import Counter
@@ -42,7 +46,14 @@ class Stats:
     per_worker: Counter[str] = field(default_factory=Counter)  # connections served, by worker pid
     workers_alive: int = 0
     health_probes: int = 0  # answered on the health port; not connections
+    report_errors: int = 0  # malformed records on the report pipe, skipped
     started: float = field(default_factory=time.monotonic)
+    per_worker_enabled: bool = True  # count connections by the pid that served them
+
+    def copy(self) -> Stats:
+        twin = Stats(**{k: getattr(self, k) for k in self.__dataclass_fields__})
+        twin.failed, twin.per_worker = Counter(self.failed), Counter(self.per_worker)
+        return twin
 
     def ended(self, outcome: str, bytes_in: int, bytes_out: int, worker: int | None) -> None:
         if outcome == COMPLETED:
@@ -51,7 +62,7 @@ class Stats:
             self.failed[outcome] += 1
         self.bytes_in += bytes_in
         self.bytes_out += bytes_out
-        if worker is not None:
+        if worker is not None and self.per_worker_enabled:
             self.per_worker[str(worker)] += 1
 
     @property
@@ -75,41 +86,162 @@ class Stats:
                 "per_worker": dict(sorted(self.per_worker.items())),
                 "workers_alive": self.workers_alive,
                 "health_probes": self.health_probes,
+                **({"report_errors": self.report_errors} if self.report_errors else {}),
             },
             separators=(", ", ": "),
         )
 
 
-class ReportPipe:
-    """Parent side: create before forking; children call :meth:`accepted`/:meth:`ended`.
+# -- shared-memory counters ------------------------------------------------------------------------
+# A slot's fields, in order. ACCEPTED: connections this process accept()ed itself; RECEIVED:
+# connections handed to it (a descriptor by recvmsg(), a fork child's one connection); the ended
+# ones by outcome; STATE: what a pool worker is doing (sendmsg's pool rules read it).
+PID, ACCEPTED, RECEIVED, SHED, BYTES_IN, BYTES_OUT, STATE = range(7)
+OUTCOMES = (COMPLETED, RESET, IDLE_TIMEOUT, STOPPED, ERROR)
+OUTCOME_FIELD = {outcome: 7 + i for i, outcome in enumerate(OUTCOMES)}
+SLOT_FIELDS = 7 + len(OUTCOMES)
+IDLE, BUSY = 0, 1  # values of STATE
 
-    :attr:`open` counts, per pid, connections handed to (or accepted by) a process and not yet
-    reported ended: when that process dies, they are the connections its death cost.
+
+class Slot:
+    """One process's row of counters; only that process writes it. Every method is a few
+    stores to shared memory: no system call, no allocation beyond Python's own integers."""
+
+    __slots__ = ("base", "cells")
+
+    def __init__(self, cells: memoryview, index: int) -> None:
+        self.cells = cells
+        self.base = index * SLOT_FIELDS
+
+    def accepted(self) -> None:
+        self.cells[self.base + ACCEPTED] += 1
+
+    def received(self) -> None:
+        self.cells[self.base + RECEIVED] += 1
+
+    def shed(self, count: int = 1) -> None:
+        """Connections taken (and counted as taken) that were closed at once."""
+        self.cells[self.base + SHED] += count
+
+    def accepted_and_shed(self, count: int) -> None:
+        """accept()ed only to be closed for want of descriptors (the spare-descriptor trick)."""
+        self.cells[self.base + ACCEPTED] += count
+        self.cells[self.base + SHED] += count
+
+    def ended(self, outcome: str, bytes_in: int, bytes_out: int) -> None:
+        cells, base = self.cells, self.base
+        cells[base + OUTCOME_FIELD[outcome]] += 1
+        cells[base + BYTES_IN] += bytes_in
+        cells[base + BYTES_OUT] += bytes_out
+
+    def set_state(self, state: int) -> None:
+        self.cells[self.base + STATE] = state
+
+    def get(self, field_: int) -> int:
+        return int(self.cells[self.base + field_])
+
+    def in_flight(self) -> int:
+        """Connections taken and not yet ended (what this process's death would cost)."""
+        cells, base = self.cells, self.base
+        ended = sum(cells[base + f] for f in OUTCOME_FIELD.values()) + cells[base + SHED]
+        return int(cells[base + ACCEPTED] + cells[base + RECEIVED] - ended)
+
+    def clear(self, pid: int = 0) -> None:
+        for f in range(SLOT_FIELDS):
+            self.cells[self.base + f] = 0
+        self.cells[self.base + PID] = pid
+
+
+class Counters:
+    """The parent's side: a region of ``size`` slots, mapped before any fork. The parent hands a
+    free slot to each process it starts (:meth:`assign`), and folds it into :class:`Stats` when
+    that process has been reaped (:meth:`retire`)."""
+
+    def __init__(self, size: int) -> None:
+        self.map = mmap.mmap(-1, max(1, size) * SLOT_FIELDS * 8)  # anonymous, MAP_SHARED
+        self.cells = memoryview(self.map).cast("q")
+        self.free = list(range(size - 1, -1, -1))
+        self.by_pid: dict[int, Slot] = {}
+
+    def assign(self) -> Slot:
+        """A zeroed slot for the next process (call before fork(); then :meth:`bind`)."""
+        slot = Slot(self.cells, self.free.pop())
+        slot.clear()
+        return slot
+
+    def bind(self, slot: Slot, pid: int) -> None:
+        slot.cells[slot.base + PID] = pid
+        self.by_pid[pid] = slot
+
+    def release(self, slot: Slot) -> None:
+        """A slot whose process never started (fork failed)."""
+        self.free.append(slot.base // SLOT_FIELDS)
+
+    def live(self) -> list[Slot]:
+        return list(self.by_pid.values())
+
+    def retire(self, pid: int, stats: Stats, lost_as: str) -> int:
+        """Fold a reaped process's slot into ``stats``; its connections still in flight count as
+        ``lost_as`` (worker_died, or stopped past the grace period). Returns how many."""
+        slot = self.by_pid.pop(pid, None)
+        if slot is None:
+            return 0
+        lost = add_slot(stats, slot)
+        if lost > 0:
+            stats.failed[lost_as] += lost
+        self.free.append(slot.base // SLOT_FIELDS)
+        return lost
+
+    def snapshot(self, stats: Stats) -> Stats:
+        """``stats`` plus what every live slot has counted so far (a copy: nothing is folded)."""
+        total = stats.copy()
+        for slot in self.by_pid.values():
+            add_slot(total, slot, in_flight=True)
+        return total
+
+    def close(self) -> None:
+        self.cells.release()
+        self.map.close()
+
+
+def add_slot(stats: Stats, slot: Slot, in_flight: bool = False) -> int:
+    """Add a slot's counts to ``stats``; returns the connections it had in flight."""
+    get = slot.get
+    stats.accepted += get(ACCEPTED)
+    stats.shed += get(SHED)
+    stats.bytes_in += get(BYTES_IN)
+    stats.bytes_out += get(BYTES_OUT)
+    served = 0
+    for outcome, f in OUTCOME_FIELD.items():
+        count = get(f)
+        served += count
+        if outcome == COMPLETED:
+            stats.completed += count
+        elif count:
+            stats.failed[outcome] += count
+    if stats.per_worker_enabled and get(PID):
+        stats.per_worker[str(get(PID))] += served
+    return slot.in_flight()
+
+
+class ReportPipe:
+    """The statistics of programs that ``spawn`` starts: one record per connection on a pipe.
+
+    The lab's worker program (``spawn_worker.py``) writes ``d PID OUTCOME BYTES_IN BYTES_OUT`` to
+    descriptor 3 when its connection ends; a write of at most PIPE_BUF (4096) bytes to a pipe is
+    atomic, so records from many writers never interleave. Only the lab's own program gets the
+    pipe (``--worker-cmd`` programs do not), and the parent trusts nothing on it: a malformed
+    record is skipped and counted (``report_errors``).
+
+    :attr:`open` counts, per pid, connections handed to a process and not yet reported ended.
     """
 
-    def __init__(self, per_worker: bool) -> None:
-        # per_worker: count by pid (pool workers), or not (a child per connection: pointless)
-        self.per_worker = per_worker
+    def __init__(self) -> None:
         self.read_fd, self.write_fd = os.pipe2(os.O_CLOEXEC)
         os.set_blocking(self.read_fd, False)
         self.open: Counter[int] = Counter()
         self._partial = b""
 
-    # -- child side --------------------------------------------------------------------
-    def accepted(self) -> None:
-        self._write(b"a %d\n" % os.getpid())
-
-    def shed(self, count: int) -> None:
-        self._write(b"s %d %d\n" % (os.getpid(), count))
-
-    def ended(self, outcome: str, bytes_in: int, bytes_out: int) -> None:
-        self._write(b"d %d %s %d %d\n" % (os.getpid(), outcome.encode(), bytes_in, bytes_out))
-
-    def _write(self, record: bytes) -> None:
-        with contextlib.suppress(BrokenPipeError):  # the parent is gone: nobody to tell
-            os.write(self.write_fd, record)
-
-    # -- parent side -------------------------------------------------------------------
     def opened(self, pid: int) -> None:
         """The parent handed a connection to ``pid`` (it counted the accept itself)."""
         self.open[pid] += 1
@@ -126,19 +258,31 @@ class ReportPipe:
                 break
             chunks.append(data)
         *lines, self._partial = b"".join(chunks).split(b"\n")
+        if len(self._partial) > 4096:  # no record is this long: garbage without a newline
+            self._partial = b""
+            stats.report_errors += 1
         for line in lines:
-            kind, pid, *rest = line.decode("ascii", "replace").split()
-            if kind == "a":
-                stats.accepted += 1
-                self.open[int(pid)] += 1
-            elif kind == "s":
-                stats.accepted += int(rest[0])
-                stats.shed += int(rest[0])
-            elif kind == "d":
-                outcome, bytes_in, bytes_out = rest
-                worker = int(pid) if self.per_worker else None
-                stats.ended(outcome, int(bytes_in), int(bytes_out), worker)
-                self.open[int(pid)] -= 1
+            record = self.parse(line)
+            if record is None:
+                stats.report_errors += 1
+                continue
+            pid, outcome, bytes_in, bytes_out = record
+            stats.ended(outcome, bytes_in, bytes_out, worker=None)
+            self.open[pid] -= 1
+
+    @staticmethod
+    def parse(line: bytes) -> tuple[int, str, int, int] | None:
+        parts = line.split()
+        if len(parts) != 5 or parts[0] != b"d":
+            return None
+        try:
+            pid, bytes_in, bytes_out = int(parts[1]), int(parts[3]), int(parts[4])
+            outcome = parts[2].decode("ascii")
+        except (ValueError, UnicodeDecodeError):
+            return None
+        if outcome not in OUTCOMES or min(pid, bytes_in, bytes_out) < 0:
+            return None
+        return pid, outcome, bytes_in, bytes_out
 
     def close(self) -> None:
         os.close(self.read_fd)

@@ -6,15 +6,35 @@ the current client closes. Beyond the backlog, Linux drops new SYNs and the clie
 retransmit them (after about 1, 3, 7 … s) — a delay, not a refusal. (With SYN cookies on,
 net.ipv4.tcp_syncookies, an overloaded queue may instead answer with a cookie and reset the
 client later; the lab's server container turns them off.)
+
+The loop: ``accept()`` on the non-blocking listener; when the queue is empty, ``poll()`` on the
+listener and the signal pipe (so a SIGTERM between connections is never missed); serve the
+connection with blocking calls (:mod:`lab.sockets.echo`: one recv and one send per message,
+signals handled by :class:`~lab.sockets.serving.Serving`). Under load the queue is rarely empty,
+so a connection costs ``accept``, its messages, the EOF ``recv`` and ``close`` — the design's
+own calls and nothing else.
+
+Health probes must be answered while a long connection is served, and the echo never polls:
+a small thread blocks in ``accept()`` on the health port and answers there. It runs with every
+signal blocked, so the kernel delivers signals to the main thread (a signal taken by the other
+thread would not interrupt the main thread's blocking ``recv``). It costs nothing while no probe
+comes: a thread blocked in a system call does not hold the GIL.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-import socket
+import select
+import signal
+import threading
+import time
+from typing import ClassVar
 
+from lab.sockets import signals
 from lab.sockets.base import Server
 from lab.sockets.echo import echo
+from lab.sockets.serving import Serving
 
 
 class IterativeServer(Server):
@@ -23,7 +43,77 @@ class IterativeServer(Server):
     origin = "the chapter's iterative server; Stevens UNP ch. 30 server 0"
     default_backlog = 5  # the original program's listen(sock, 5)
     per_worker_stats = True
+    # accept4, the EOF readv, close
+    syscalls_per_connection: ClassVar[dict[str, int]] = {"accept4": 1, "readv": 1, "close": 1}
 
-    def process_request(self, conn: socket.socket, address: object) -> None:
-        outcome, bytes_in, bytes_out = echo(conn, self.config.idle_timeout, self.log, self)
-        self.stats.ended(outcome, bytes_in, bytes_out, worker=os.getpid())
+    def start(self) -> None:
+        self.slot = self.counters.assign()
+        self.counters.bind(self.slot, os.getpid())
+        self.serving = Serving(
+            self.config, self.log, self.slot, stop_signals=(signal.SIGTERM, signal.SIGINT)
+        )
+        self.serving.on_usr1 = lambda: self.log.line_now(self.stats_line())
+        # The signals now act at once (the echo blocks in recv); the wake-up pipe still ends
+        # the poll() between connections.
+        signals.set_owner(self.serving.on_signal)
+        if self.health is not None:
+            self.health.setblocking(True)
+            mask = signals.block_all()  # the thread inherits the mask; we restore ours
+            try:
+                threading.Thread(target=self._answer_health, name="health", daemon=True).start()
+            finally:
+                signals.restore(mask)
+
+    def _answer_health(self) -> None:
+        health = self.health
+        assert health is not None
+        while True:
+            try:
+                probe, _ = health.accept()
+            except OSError:
+                if health.fileno() == -1:
+                    return  # closed: the server is exiting
+                continue
+            with contextlib.suppress(OSError):
+                probe.send(b"ok\n")
+            probe.close()
+            self.stats.health_probes += 1
+
+    def run(self) -> None:
+        serving, accept = self.serving, self.acceptor.accept
+        limit = self.config.connections
+        poller = select.poll()
+        poller.register(self.listener, select.POLLIN)
+        poller.register(self.signal_queue.fileno(), select.POLLIN)
+        served = shed = 0
+        while not serving.stopping:
+            fd = accept()
+            if fd is None:
+                if self.acceptor.shed != shed:
+                    self.slot.accepted_and_shed(self.acceptor.shed - shed)
+                    shed = self.acceptor.shed
+                now = time.monotonic()
+                timeout = self.acceptor.paused_until - now if self.acceptor.paused(now) else None
+                if timeout is not None:
+                    poller.unregister(self.listener)
+                poller.poll(None if timeout is None else timeout * 1000)
+                if timeout is not None:
+                    poller.register(self.listener, select.POLLIN)
+                self.signal_queue.pending()  # the handler acted already; empty the pipe
+                continue
+            self.serve(fd)
+            served += 1
+            if limit and served >= limit:
+                self.log.trace(f"served {limit} connection(s): stopping")
+                break
+        else:
+            self.close_the_door()
+            while not serving.cut and (fd := accept()) is not None:
+                self.serve(fd)
+        self.listener.close()
+
+    def serve(self, fd: int) -> None:
+        self.slot.accepted()
+        outcome, bytes_in, bytes_out = echo(fd, self.serving)
+        os.close(fd)
+        self.slot.ended(outcome, bytes_in, bytes_out)

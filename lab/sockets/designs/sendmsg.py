@@ -8,51 +8,89 @@ the socket's queue, the kernel holds the connection open for it — so the serve
 copy at once, and may send to a worker that "does not exist yet": the queue is the hand-off.
 
 The pair is SOCK_SEQPACKET: each sendmsg() is one message, received whole by one recvmsg(), so
-two workers never split a message. The queue is bounded by the socket's send buffer — a few
-hundred descriptors — after which sendmsg() says EAGAIN.
+two workers never split a message. Workers block in ``recvmsg()`` on their shared end; like
+``accept()``, a blocking receive on a Unix socket is an exclusive wait, so one worker wakes per
+message. The queue is bounded by the socket's send buffer — a few hundred descriptors — after
+which sendmsg() says EAGAIN. A socket option rides along: the listening socket's
+``SO_RCVTIMEO``/``SO_SNDTIMEO`` (the idle timeout) belong to the socket, so the passed
+connection has them in the worker too.
 
-Pool rules: workers tell the server over the same socketpair when they are idle (``I pid``),
-busy (``B pid``) or retiring (``R pid``). When a descriptor is queued and no worker is idle, the
-server starts another, up to --max-workers; the new worker takes what is queued. Workers above
---workers that stay idle for --worker-idle seconds retire. sendmsg() never blocks accept(): when
-the queue is full the server grows the pool and holds that one connection until the queue has
-room, or — at the maximum — closes it and counts it as shed.
+Pool rules, read from shared memory (no message per connection): each worker's slot says how
+many descriptors it received and whether it is busy. Queued = sent − received: exact, except for
+a worker that died between ``recvmsg()`` and counting — so whenever the count says a worker is
+needed, the kernel is asked first (``SIOCOUTQ``: bytes this end sent that nobody has received
+yet; 0 means the queue is empty and the count is resynchronised). When descriptors are queued
+and no worker is idle, the server starts another, up to --max-workers; workers above --workers
+that wait --worker-idle seconds for a descriptor (the shared end's ``SO_RCVTIMEO``) retire.
+sendmsg() never blocks accept(): when the queue is full the server grows the pool and holds that
+one connection until the queue has room, or — at the maximum — closes it and counts it as shed.
+
+Stopping: the server drains the listen queue, then puts one STOP message per worker into the
+same queue, behind the descriptors, so everything queued is served first. Workers ignore SIGTERM
+and SIGINT (a worker that left on its own would strand what is queued for it): STOP, or the
+parent's SIGKILL at the end of the grace period, ends them.
 """
 
 from __future__ import annotations
 
 import array
+import errno
+import fcntl
 import os
 import select
+import signal
 import socket
+import struct
+import termios
 import time
+from typing import ClassVar
 
 from lab.sockets import process
 from lab.sockets.config import ConfigError, ServerConfig
 from lab.sockets.echo import echo
 from lab.sockets.log import Log
-from lab.sockets.pool import PoolServer, PoolWorker
-from lab.sockets.stats import ReportPipe
+from lab.sockets.pool import PoolServer
+from lab.sockets.serving import Serving, set_timeouts
+from lab.sockets.stats import BUSY, IDLE, RECEIVED, STATE, Slot
 
 CONNECTION = b"c"  # a message carrying a descriptor
 STOP = b"q"  # a message telling one worker to leave (after everything queued before it)
+RETIRING = 2  # a slot's STATE: an extra worker leaving after --worker-idle idle seconds
 _FD_SPACE = socket.CMSG_SPACE(array.array("i").itemsize)
+
+
+def unsent_bytes(sock: socket.socket) -> int:
+    """SIOCOUTQ (= TIOCOUTQ) of a Unix socket: bytes it sent that are not yet received."""
+    try:
+        return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0])
+    except OSError:
+        return -1
 
 
 class SendmsgServer(PoolServer):
     name = "sendmsg"
     summary = "the server accepts and passes each descriptor (SCM_RIGHTS) to recvmsg() workers"
     origin = "the chapter's sendmsg()/recvmsg() server; Stevens UNP ch. 30 server 5"
+    # parent: accept4, sendmsg, close; worker: recvmsg, the EOF readv, close
+    syscalls_per_connection: ClassVar[dict[str, int]] = {
+        "accept4": 1,
+        "sendmsg": 1,
+        "recvmsg": 1,
+        "readv": 1,
+        "close": 2,
+    }
 
     def start(self) -> None:
         self.channel, self.worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.channel.setblocking(False)
-        self.worker_end.setblocking(False)  # workers poll it; two may wake for one message
-        self.state: dict[int, str] = {}  # worker pid → "idle", "busy" or "retiring"
-        self.queued = 0  # descriptors sent and not yet picked up (as far as we know)
-        self.held: socket.socket | None = None  # a connection waiting for room in the queue
-        self._extra[self.channel.fileno()] = select.POLLIN
+        # Workers block in recvmsg(); an extra worker gives up after --worker-idle seconds.
+        set_timeouts(self.worker_end, self.config.worker_idle)
+        self.sent = 0  # descriptors sent
+        self.received_gone = 0  # descriptors received by workers that have since ended
+        self.extra: set[int] = set()  # workers started above --workers
+        self.held: int | None = None  # a connection waiting for room in the queue
         self.next_extra = False  # whether the worker being forked is above --workers
+        self.too_many_refs = False  # inside an ETOOMANYREFS episode
         super().start()
 
     def ready_details(self) -> dict[str, object]:
@@ -71,36 +109,49 @@ class SendmsgServer(PoolServer):
         # Decided here, in the parent, before fork(): the child cannot see itself counted.
         self.next_extra = len(self.workers) >= self.config.pool_size
         pid = super().spawn_worker()
-        self.state[pid] = "idle"  # counted idle from birth: it will take what is queued
+        if self.next_extra:
+            self.extra.add(pid)
         return pid
 
     def worker_keeps(self) -> list[int]:
         return [self.worker_end.fileno()]
 
-    def worker_main(self) -> int:
-        worker = DescriptorWorker(
-            self.worker_end, self.config, self.report, self.log, self.next_extra
-        )
+    def worker_main(self, slot: Slot) -> int:
+        worker = DescriptorWorker(self.worker_end, self.config, self.log, slot, self.next_extra)
         return worker.run()
 
+    def queued(self) -> int:
+        """Descriptors sent and not yet received (see the docstring)."""
+        received = self.received_gone + sum(s.get(RECEIVED) for s in self.counters.live())
+        return self.sent - received
+
     def idle_workers(self) -> int:
-        return sum(1 for s in self.state.values() if s == "idle")
+        return sum(1 for s in self.counters.live() if s.get(STATE) == IDLE)
 
     def grow_if_needed(self) -> bool:
-        self.read_worker_messages()  # decide on what the workers said, not on stale state
-        if self.queued > self.idle_workers() and len(self.workers) < self.config.pool_max:
-            pid = self.spawn_worker()
-            self.log.trace(f"{self.queued} queued, none idle: worker {pid} added to the pool")
-            return True
-        return False
+        if len(self.workers) >= self.config.pool_max:
+            return False
+        queued = self.queued()
+        if queued <= 0 or queued <= self.idle_workers():
+            return False
+        if unsent_bytes(self.channel) == 0:  # the kernel says the queue is empty: resync
+            self.sent -= queued
+            return False
+        pid = self.spawn_worker()
+        if self.tracing:
+            self.log.trace(f"{queued} queued, none idle: worker {pid} added to the pool")
+        return True
 
     def expected_exit(self, pid: int) -> bool:
-        return self.state.pop(pid, None) == "retiring"
+        slot = self.counters.by_pid.get(pid)
+        return slot is not None and slot.get(STATE) == RETIRING
 
     def child_exited(self, pid: int, status: int, role: str) -> None:
-        self.state.setdefault(pid, "dead")
+        slot = self.counters.by_pid.get(pid)
+        if slot is not None:
+            self.received_gone += slot.get(RECEIVED)
+        self.extra.discard(pid)
         super().child_exited(pid, status, role)
-        self.state.pop(pid, None)
 
     def maintain_pool(self) -> int:
         """At least --workers, and one more while descriptors wait and no worker is idle."""
@@ -113,93 +164,102 @@ class SendmsgServer(PoolServer):
     def accepting(self) -> bool:
         return self.held is None
 
-    def process_request(self, conn: socket.socket, address: object) -> None:
-        if not self.pass_descriptor(conn):
-            if len(self.workers) < self.config.pool_max:
-                # Queue full: hold this one connection (a dup: close_request closes ours),
-                # stop accepting, and start a worker to empty the queue.
-                self.held = conn.dup()
-                self._extra[self.channel.fileno()] = select.POLLIN | select.POLLOUT
-                self.spawn_worker()
-            else:
-                self.stats.shed += 1
+    def process_request(self, fd: int) -> None:
+        if self.pass_descriptor(fd):
+            return
+        if len(self.workers) < self.config.pool_max and not self.stopping:
+            # Queue full: hold this one connection (a dup: close_request closes ours),
+            # stop accepting, and start a worker to empty the queue.
+            self.held = os.dup(fd)
+            self._extra[self.channel.fileno()] = select.POLLOUT
+            self.spawn_worker()
+        else:
+            self.stats.shed += 1
+            if self.tracing:
                 self.log.trace("descriptor queue full and pool at --max-workers: shed")
 
-    def pass_descriptor(self, conn: socket.socket) -> bool:
-        fds = array.array("i", [conn.fileno()])
+    def pass_descriptor(self, fd: int) -> bool:
+        """Whether the connection was dealt with (queued, or shed for good reason); False: the
+        queue is full, try again when it has room."""
         try:
-            self.channel.sendmsg([CONNECTION], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+            self.channel.sendmsg(
+                [CONNECTION], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))]
+            )
         except (BlockingIOError, InterruptedError):
             return False
-        except OSError:  # ETOOMANYREFS: too many descriptors in flight for this user
-            return False
-        self.queued += 1
-        self.log.trace("sendmsg() is OK: descriptor queued for the workers")
-        self.grow_if_needed()
+        except OSError as exc:
+            if exc.errno != errno.ETOOMANYREFS:
+                raise
+            # Too many descriptors in flight for this user (RLIMIT_NOFILE): waiting for the
+            # socket to become writable would spin — it is writable. Shed this connection.
+            self.stats.shed += 1
+            if not self.too_many_refs:
+                self.too_many_refs = True
+                self.log.notice(
+                    "sendmsg() failed with ETOOMANYREFS (more descriptors in flight than "
+                    "RLIMIT_NOFILE): shedding connections until workers catch up "
+                    "(raise ulimit -n, or add workers)"
+                )
+            return True
+        if self.too_many_refs:
+            self.too_many_refs = False
+            self.log.notice("sendmsg() recovered from ETOOMANYREFS")
+        self.sent += 1
+        if self.tracing:
+            self.log.trace("sendmsg() is OK: descriptor queued for the workers")
+        if not self.stopping:
+            self.grow_if_needed()
         return True
 
     def on_ready(self, fd: int, events: int) -> None:
         if events & select.POLLOUT and self.held is not None and self.pass_descriptor(self.held):
-            self.held.close()
+            os.close(self.held)
             self.held = None
-            self._extra[self.channel.fileno()] = select.POLLIN
-        if events & select.POLLIN:
-            self.read_worker_messages()
-
-    def read_worker_messages(self) -> None:
-        while True:
-            try:
-                message = self.channel.recv(64)
-            except (BlockingIOError, InterruptedError):
-                return
-            kind, _, pid_text = message.partition(b" ")
-            pid = int(pid_text or 0)
-            if pid not in self.state:
-                continue
-            if kind == b"B":
-                self.state[pid] = "busy"
-                self.queued = max(0, self.queued - 1)
-                self.report.opened(pid)
-            elif kind == b"I":
-                self.state[pid] = "idle"
-            elif kind == b"R":
-                self.state[pid] = "retiring"
-        # (a worker that dies between recvmsg() and "B" loses that connection: it is counted
-        # when the worker is reaped only if it said "B" first; the queue estimate may drift up
-        # by one, which at worst starts one worker too many)
-
-    def collect(self) -> None:
-        super().collect()
-        self.read_worker_messages()  # a reaped worker's "B"/"R" count before its exit does
+            self._extra.pop(self.channel.fileno(), None)
 
     def tick(self) -> None:
         super().tick()
-        if not self.stopping:
+        if not self.stopping and self.sent:
             self.grow_if_needed()
 
     # -- stopping --------------------------------------------------------------------------
     def finish(self) -> None:
         """Everything queued is served first: after the backlog is drained, one STOP message per
-        worker goes into the same queue, behind the descriptors."""
+        worker goes into the same queue, behind the descriptors. Workers never write to the
+        channel, so waiting here for room cannot deadlock with them."""
         if self.held is not None:
-            self.channel.setblocking(True)
-            self.channel.settimeout(max(0.0, (self.stop_deadline or 0) - time.monotonic()))
-            if not self.pass_descriptor(self.held):
+            if not self._send_blocking(lambda: self.pass_descriptor(self.held or -1)):
                 self.stats.shed += 1
-            self.held.close()
+            os.close(self.held)
             self.held = None
-        self.channel.setblocking(True)
         for _ in self.workers:
+            if not self._send_blocking(lambda: self._send_stop()):
+                break
+        self.wait_for_children()
+
+    def _send_stop(self) -> bool:
+        try:
+            self.channel.send(STOP)
+        except (BlockingIOError, InterruptedError):
+            return False
+        return True
+
+    def _send_blocking(self, attempt: object) -> bool:
+        """Retry ``attempt`` until it succeeds or the deadline passes (the queue drains as the
+        workers serve)."""
+        assert callable(attempt)
+        writable = select.poll()
+        writable.register(self.channel, select.POLLOUT)
+        while True:
+            try:
+                if attempt():
+                    return True
+            except OSError:
+                return False
             remaining = (self.stop_deadline or 0) - time.monotonic()
             if remaining <= 0:
-                break
-            self.channel.settimeout(remaining)
-            try:
-                self.channel.send(STOP)
-            except OSError:
-                break
-        self.channel.setblocking(False)  # back to polling: workers' last messages, then exits
-        self.wait_for_children()
+                return False
+            writable.poll(remaining * 1000)
 
     def close(self) -> None:
         super().close()
@@ -207,82 +267,56 @@ class SendmsgServer(PoolServer):
         self.worker_end.close()
 
 
-class DescriptorWorker(PoolWorker):
+class DescriptorWorker:
     """One worker: recvmsg() a descriptor, serve that connection to its end, again."""
 
     def __init__(
-        self,
-        channel: socket.socket,
-        config: ServerConfig,
-        report: ReportPipe,
-        log: Log,
-        extra: bool,
+        self, channel: socket.socket, config: ServerConfig, log: Log, slot: Slot, extra: bool
     ) -> None:
-        super().__init__(config, report, log)
         self.channel = channel
+        self.config = config
+        self.log = log
+        self.slot = slot
         self.extra = extra  # started above --workers: retires after --worker-idle idle seconds
-        self.pid = os.getpid()
-
-    def tell(self, kind: bytes) -> None:
-        """Tell the server our state; the channel is shared and non-blocking, so wait for
-        room rather than lose the message."""
-        message = kind + b" %d" % self.pid
-        while True:
-            try:
-                self.channel.send(message)
-                return
-            except (BlockingIOError, InterruptedError):
-                select.select([], [self.channel], [], 1.0)
-            except (BrokenPipeError, ConnectionRefusedError, ConnectionResetError):
-                # The server's end is closed: it died, and our death signal is on its way.
-                os._exit(process.EXIT_PARENT_GONE)
+        self.serving = Serving(config, log, slot, stop_signals=())
 
     def run(self) -> int:
-        # EPOLLEXCLUSIVE: one idle worker wakes per message, not all (the thundering herd).
-        poller = select.epoll()
-        poller.register(self.channel, select.EPOLLIN | select.EPOLLEXCLUSIVE)
-        poller.register(self.signal_queue.fileno(), select.EPOLLIN)
-        self.tell(b"I")
-        idle_since = time.monotonic()
-        while not self.stopping:
-            timeout = -1.0
-            if self.extra:
-                timeout = idle_since + self.config.worker_idle - time.monotonic()
-                if timeout <= 0:
-                    self.tell(b"R")
-                    self.log.trace(f"idle for {self.config.worker_idle:g} s: worker retires")
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, signal.SIG_IGN)  # see the module docstring
+        self.serving.own_signals()
+        slot, recvmsg = self.slot, self.channel.recvmsg
+        tracing = self.serving.tracing
+        while True:
+            try:
+                message, ancillary, _flags, _ = recvmsg(16, _FD_SPACE)
+            except BlockingIOError:  # SO_RCVTIMEO: --worker-idle seconds without work
+                if self.extra:
+                    slot.set_state(RETIRING)
+                    if tracing:
+                        self.log.trace(f"idle for {self.config.worker_idle:g} s: worker retires")
                     return process.EXIT_OK
-            for fd, _ in poller.poll(timeout):
-                if fd == self.signal_queue.fileno():
-                    self.on_housekeeping(fd)
-                    continue
-                received = self.receive()
-                if received is STOP:
-                    return process.EXIT_OK
-                if isinstance(received, socket.socket):
-                    self.serve(received)
-                    self.tell(b"I")
-                    idle_since = time.monotonic()
-        return process.EXIT_OK
+                continue
+            if message == STOP:
+                return process.EXIT_OK
+            slot.received()
+            fd = _descriptor(ancillary)
+            if fd is None:  # MSG_CTRUNC: we had no descriptor free to receive it into
+                slot.shed()
+                continue
+            if tracing:
+                self.log.trace("recvmsg() is OK: got a connection")
+            slot.set_state(BUSY)
+            outcome, bytes_in, bytes_out = echo(fd, self.serving)
+            os.close(fd)
+            slot.ended(outcome, bytes_in, bytes_out)
+            slot.set_state(IDLE)
 
-    def receive(self) -> socket.socket | bytes | None:
-        try:
-            message, ancillary, _flags, _ = self.channel.recvmsg(16, _FD_SPACE)
-        except (BlockingIOError, InterruptedError):
-            return None  # another worker took it
-        fds = array.array("i")
-        for level, kind, data in ancillary:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
-        if message == STOP:
-            return STOP
-        if not fds:
-            return None  # MSG_CTRUNC: we had no descriptor free to receive it into
-        self.log.trace("recvmsg() is OK: got a connection")
-        return socket.socket(fileno=fds[0])
 
-    def serve(self, conn: socket.socket) -> None:
-        self.tell(b"B")
-        outcome, bytes_in, bytes_out = echo(conn, self.config.idle_timeout, self.log, self)
-        conn.close()
-        self.report.ended(outcome, bytes_in, bytes_out)
+def _descriptor(ancillary: list[tuple[int, int, bytes]]) -> int | None:
+    fds = array.array("i")
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+    for extra in fds[1:]:  # only ever one is sent; never leak a surprise
+        os.close(extra)
+    return fds[0] if fds else None
