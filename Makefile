@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 # Host tools the tests use as real peers (socat and nc as clients, gcc for the original C programs).
-HOST_TOOLS := socat nc gcc
+HOST_TOOLS := socat nc gcc strace
 
 .PHONY: all venv host-tools cpeer test lint lab images transcript-local down clean
 DESIGN ?= iterative

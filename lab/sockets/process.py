@@ -35,7 +35,13 @@ def die_with_parent(parent_pid: int | None, signum: int = signal.SIGKILL) -> Non
         os._exit(EXIT_PARENT_GONE)
 
 
-def fork(child: Callable[[], int], keep_fds: Iterable[int] = (), long_lived: bool = False) -> int:
+def fork(
+    child: Callable[[], int],
+    keep_fds: Iterable[int] = (),
+    long_lived: bool = False,
+    parent: int | None = None,
+    highest_fd: int | None = None,
+) -> int:
     """fork(); in the child run ``child()`` and end the process with its return value.
 
     The child keeps stdin/stdout/stderr and ``keep_fds`` and closes every other descriptor it
@@ -47,18 +53,21 @@ def fork(child: Callable[[], int], keep_fds: Iterable[int] = (), long_lived: boo
     The child inherits the parent's signal handlers and detaches from the parent's wake-up pipe
     and queue (no system call, see :mod:`lab.sockets.signals`); ``child()`` makes itself their
     owner. Every child asks to die with its parent. stdout is flushed first, or buffered output
-    would be printed twice.
+    would be printed twice. A caller that forks per connection passes its own ``parent`` pid
+    (one getpid() less) and the ``highest_fd`` it may hold besides ``keep_fds`` (one
+    close_range() less when the kept one is above it).
     """
     sys.stdout.flush()
     sys.stderr.flush()
-    parent = os.getpid()
+    if parent is None:
+        parent = os.getpid()
     pid = os.fork()
     if pid:
         return pid
     code = EXIT_CRASHED
     try:
         signals.detach_after_fork()
-        close_all_but(keep_fds)
+        close_all_but(keep_fds, highest_fd)
         die_with_parent(parent if long_lived else None)
         code = child()
     except BaseException:
@@ -71,15 +80,17 @@ def fork(child: Callable[[], int], keep_fds: Iterable[int] = (), long_lived: boo
         os._exit(code)
 
 
-def close_all_but(keep: Iterable[int]) -> None:
-    """Close every descriptor from 3 up except ``keep`` (close_range(2) where available)."""
+def close_all_but(keep: Iterable[int], highest_fd: int | None = None) -> None:
+    """Close every descriptor from 3 up except ``keep`` (close_range(2) where available);
+    nothing above ``highest_fd`` is open besides ``keep``, when given."""
     low = 3
     for fd in sorted(set(keep)):
         if fd >= low:
             if fd > low:
                 os.closerange(low, fd)
             low = fd + 1
-    os.closerange(low, _OPEN_MAX)
+    if highest_fd is None or highest_fd >= low:
+        os.closerange(low, _OPEN_MAX)
 
 
 def reap() -> list[tuple[int, int]]:

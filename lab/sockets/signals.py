@@ -93,8 +93,8 @@ class SignalQueue:
         """Signals received since the last call, each once, stop requests first."""
         while True:  # empty the wake-up pipe: the bytes were only there to end the poll()
             try:
-                if not os.read(self._read, 512):
-                    break
+                if len(os.read(self._read, 512)) < 512:
+                    break  # a short read emptied it: no second read to hear EAGAIN
             except BlockingIOError:
                 break
         received, self._pending = self._pending, []

@@ -6,20 +6,20 @@ site-packages). It imports nothing from the ``lab`` package, so what a connectio
 interpreter start-up, not a package import. The socket is blocking; its idle timeout is the
 kernel's (``SO_RCVTIMEO``/``SO_SNDTIMEO``, inherited from the server's listening socket), so a
 message costs one read and one write. It writes one statistics record to descriptor 3 (the
-server's report pipe) when its connection ends; trace lines go to stderr. SIGTERM is ignored:
-the server coordinates a stop (its grace period, then SIGKILL), so a signal sent to every
-process of the server's cgroup does not cut the connection short.
+server's report pipe) when its connection ends; trace lines go to stderr. The server starts it
+with SIGTERM blocked: the server coordinates a stop (its grace period, then SIGKILL), so a
+signal sent to every process of the server's cgroup does not cut the connection short. The
+server runs its compiled form (``__pycache__/…pyc``): a script named on the command line is
+otherwise compiled anew on every start.
 """
 
 import os
-import signal
 import sys
 
 BUFFER_SIZE = 64 * 1024
 
 
 def main(argv: list[str]) -> int:
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     trace = "--trace" in argv
     pid = os.getpid()
     buffers = [bytearray(BUFFER_SIZE)]

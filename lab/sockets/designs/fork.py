@@ -9,15 +9,19 @@ the parent's page tables and descriptor table; memory itself is shared copy-on-w
 someone writes — so the child writes as little as it can: the echo buffer was allocated once in
 the parent, and a short message dirties one page of it) and ``close``; the child's
 ``close_range`` of what it must not hold (the listening socket above all: a child holding it
-would keep the port open after the parent closed it) and its exit; the parent's ``wait4`` when
-SIGCHLD wakes it. The child's counts go to a slot of shared memory, not through a pipe. It does
-not ask to die with the parent (one connection, bounded by the idle timeout, like ``spawn``).
+would keep the port open after the parent closed it), its ``prctl`` to die with the parent, and
+its exit; the parent's ``wait4``. The parent reaps as ``socketserver.ForkingMixIn`` does — after
+each batch of accepts, and every :data:`REAP_EVERY` seconds while children live — and does not
+catch SIGCHLD, so a child's exit costs no signal delivery and no wake-up. The child's counts go
+to a slot of shared memory, not through a pipe.
 """
 
 from __future__ import annotations
 
 import errno
 import gc
+import os
+import signal
 from typing import ClassVar
 
 from lab.sockets import process
@@ -32,19 +36,36 @@ class ForkServer(Server):
     summary = "fork() a child per connection; the child serves it and exits"
     origin = "the classic Unix variant; Stevens UNP ch. 30 server 1"
     family = "fork"
-    # parent: accept4, clone, close, wait4 (+ the SIGCHLD wake-up, shared by the children a
-    # wake-up reaps); child: close_range ×2, the EOF readv, close, exit_group
+    # Per connection with one message (tests/test_syscall_budget.py). Parent: accept4 (+ one
+    # EAGAIN and a poll when the queue is empty), clone, close, wait4 (+ one that finds no child
+    # ended). Child: close_range, prctl (die with the parent), the message's readv and write,
+    # the EOF readv (the C library's and interpreter's own fork work — gettid, set_robust_list —
+    # is theirs).
     syscalls_per_connection: ClassVar[dict[str, int]] = {
-        "accept4": 1,
+        "accept4": 2,
+        "poll": 1,
         "clone": 1,
-        "close": 2,
-        "readv": 1,
+        "close": 1,
+        "wait4": 2,
+        "close_range": 1,
+        "prctl": 1,
+        "readv": 2,
+        "write": 1,
     }
 
     def counter_slots(self) -> int:
         return self.config.max_children + 1  # and the template's
 
+    REAP_EVERY = 0.5  # seconds, while children live and no connection comes
+    REAP_AT_CAP = 0.01  # at --max-children: how soon a freed place is seen
+
     def start(self) -> None:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # reaped in the loop (see above)
+        self.pid = os.getpid()
+        queue_fds = self.signal_queue.fds()
+        spare = self.acceptor.spare if self.acceptor.spare is not None else -1
+        health = self.health.fileno() if self.health is not None else -1
+        self.highest_fd = max(self.listener.fileno(), health, spare, *queue_fds)
         # One Serving (and its 64 KiB buffer) made here, before any fork: each child uses its
         # copy, so a child allocates nothing and dirties only the pages it writes.
         self.template = Serving(self.config, self.log, self.counters.assign())
@@ -55,6 +76,20 @@ class ForkServer(Server):
     def accepting(self) -> bool:
         # At --max-children, stop accepting: new clients wait in the backlog meanwhile.
         return len(self.children) < self.config.max_children
+
+    def poll_timeout(self, now: float) -> float | None:
+        timeout = super().poll_timeout(now)
+        if self.children:
+            every = self.REAP_EVERY if self.accepting() else self.REAP_AT_CAP
+            timeout = every if timeout is None else min(timeout, every)
+        return timeout
+
+    def tick(self) -> None:
+        if self.children:  # after every wake-up: a batch of accepts, or the timeout
+            self.handle_chld()
+
+    def stop_poll_interval(self) -> float:
+        return self.REAP_AT_CAP
 
     def process_request(self, fd: int) -> None:
         slot = self.counters.assign()
@@ -69,7 +104,7 @@ class ForkServer(Server):
             return process.EXIT_OK
 
         try:
-            pid = process.fork(child, keep_fds=(fd,))
+            pid = process.fork(child, keep_fds=(fd,), parent=self.pid, highest_fd=self.highest_fd)
         except OSError as exc:
             self.counters.release(slot)
             if exc.errno not in (errno.EAGAIN, errno.ENOMEM):

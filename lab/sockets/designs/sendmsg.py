@@ -71,13 +71,17 @@ class SendmsgServer(PoolServer):
     name = "sendmsg"
     summary = "the server accepts and passes each descriptor (SCM_RIGHTS) to recvmsg() workers"
     origin = "the chapter's sendmsg()/recvmsg() server; Stevens UNP ch. 30 server 5"
-    # parent: accept4, sendmsg, close; worker: recvmsg, the EOF readv, close
+    # Per connection with one message (tests/test_syscall_budget.py). Parent: accept4 (+ one
+    # EAGAIN and a poll when the queue is empty), sendmsg, close. Worker: recvmsg, the message's
+    # readv and write, the EOF readv, close.
     syscalls_per_connection: ClassVar[dict[str, int]] = {
-        "accept4": 1,
+        "accept4": 2,
+        "poll": 1,
         "sendmsg": 1,
-        "recvmsg": 1,
-        "readv": 1,
         "close": 2,
+        "recvmsg": 1,
+        "readv": 2,
+        "write": 1,
     }
 
     def start(self) -> None:
