@@ -1,0 +1,84 @@
+#!/usr/bin/env python3
+"""The lab's designs against C (and stdlib) servers of the same family, side by side.
+
+Runs each server under the same closed-loop load on loopback (`lab bench --local`: 2 workers,
+49-byte messages, concurrency 8), connect-per-request and persistent (100 messages per
+connection), for ROUNDS interleaved rounds (A B C … A B C …, so a machine that drifts affects
+every server alike), and prints the median server CPU per connection and per message with the
+ratio to the reference of its family:
+
+    .venv/bin/python scripts/ceilings.py [--rounds 3] [--duration 3]
+
+A ratio of two figures measured in the same run, not an absolute time: quote the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+from lab.measure.bench import LocalBackend, ServerSpec, bench
+from lab.measure.config import make_config
+
+TWO = ("--workers", "2")
+# (row, server, options, reference row)
+ROWS = [
+    ("peer-c-prefork", "peer-c-prefork", TWO, None),
+    ("multi-accept", "multi-accept", TWO, "peer-c-prefork"),
+    ("sendmsg", "sendmsg", (*TWO, "--max-workers", "2"), "peer-c-prefork"),
+    ("iterative", "iterative", (), "peer-c-prefork"),
+    ("peer-c-fork", "peer-c-fork", (), None),
+    ("peer-forking", "peer-forking", (), None),
+    ("fork", "fork", (), "peer-forking"),
+]
+
+
+def measure(server: str, options: tuple[str, ...], workload: str, duration: float) -> float:
+    config = make_config(
+        "127.0.0.1",
+        port=1,
+        workload=workload,
+        per_connection=100 if workload == "persistent" else None,
+        size=49,
+        concurrency=8,
+        duration=duration,
+        warmup=0.5,
+    )
+    result = bench(LocalBackend(), ServerSpec(server, options), config)
+    assert result.load["errors_total"] == 0, result.load["errors"]
+    per_message = result.cost.cpu_s_per_1000
+    assert per_message is not None
+    return per_message * 1000  # µs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--duration", type=float, default=3.0)
+    args = parser.parse_args()
+    figures: dict[tuple[str, str], list[float]] = {}
+    for _ in range(args.rounds):
+        for row, server, options, _ref in ROWS:
+            for workload in ("connect-per-request", "persistent"):
+                if workload == "persistent" and server in ("fork", "peer-forking", "peer-c-fork"):
+                    continue  # one process per connection: per message is the echo loop's
+                us = measure(server, options, workload, args.duration)
+                figures.setdefault((row, workload), []).append(us)
+    med = {key: statistics.median(values) for key, values in figures.items()}
+    print(f"{'server':<16} {'µs/connection':>14} {'×ref':>6} {'µs/message':>11} {'×ref':>6}  ref")
+    for row, _server, _options, ref in ROWS:
+        conn = med[(row, "connect-per-request")]
+        msg = med.get((row, "persistent"))
+        r_conn = f"{conn / med[(ref, 'connect-per-request')]:.2f}" if ref else "1.00"
+        r_msg = "-"
+        if msg is not None and ref and (ref, "persistent") in med:
+            r_msg = f"{msg / med[(ref, 'persistent')]:.2f}"
+        elif msg is not None:
+            r_msg = "1.00"
+        shown = f"{msg:.1f}" if msg is not None else "-"
+        print(f"{row:<16} {conn:>14.1f} {r_conn:>6} {shown:>11} {r_msg:>6}  {ref or ''}")
+    print(f"(medians of {args.rounds} interleaved rounds, {args.duration:g} s each, c=8, 49 B)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""Stopping under load, and the socket-layer defects found by reading (each pinned here).
+
+A stop drains: what the kernel had queued when SIGTERM came is served, no newcomer is let in
+(the backlog shrinks to 0), then the listener closes — so no connection the server accepted is
+reset while the grace period lasts. A SIGTERM to the whole process group (systemd's
+KillMode=control-group) is an orderly stop too: no worker is replaced or reported.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+
+import pytest
+from harness import ALL_DESIGNS, POOL_DESIGNS, ServerFactory, echo_once, wait_until
+
+from lab.measure.config import make_config
+from lab.measure.load import run_load
+from lab.sockets.stats import ReportPipe, Stats
+
+MESSAGE = b"This is a test message from a stupid client lol!\0"
+
+
+def args_for(design: str) -> list[str]:
+    return ["--workers", "2", "--max-workers", "2"] if design in POOL_DESIGNS else []
+
+
+@pytest.mark.parametrize("design", [d for d in ALL_DESIGNS if d != "spawn"])
+def test_sigterm_under_steady_load_cuts_no_accepted_connection(
+    design: str, start_server: ServerFactory
+) -> None:
+    server = start_server(design, "--grace", "3", "--backlog", "64", *args_for(design))
+    config = make_config(
+        "127.0.0.1", port=server.port, concurrency=8, duration=2.5, warmup=0.1, processes=2
+    )
+    results = []
+    loader = threading.Thread(target=lambda: results.append(run_load(config)))
+    loader.start()
+    time.sleep(1.0)  # mid-run (a point in the load, not a measurement)
+    os.kill(server.pid, signal.SIGTERM)
+    assert server.wait(30) == 0
+    loader.join(60)
+    stats = server.final_stats()
+    assert "stopped" not in stats["failed"], stats  # nothing cut at a deadline
+    assert stats["in_flight"] == 0, stats
+    errors = results[0].errors
+    # The kernel resets a connection that raced into the queue as the listener closed: one
+    # or two at most; later connects are refused (nothing listens) — not resets.
+    assert errors["reset"] + errors["short_read"] <= 2, errors
+
+
+@pytest.mark.parametrize("design", ["multi-accept", "sendmsg", "fork", "iterative"])
+def test_sigterm_to_the_process_group_is_an_orderly_stop(
+    design: str, start_server: ServerFactory
+) -> None:
+    server = start_server(design, *args_for(design))
+    assert echo_once(server.port) == MESSAGE
+    with socket.create_connection(("127.0.0.1", server.port)) as busy:
+        busy.sendall(MESSAGE)
+        assert busy.recv(100) == MESSAGE  # a connection in flight while the group is stopped
+        os.killpg(server.pid, signal.SIGTERM)
+        busy.sendall(b"still here")
+        assert busy.recv(100) == b"still here"  # served on through the grace period
+    assert server.wait(30) == 0
+    text = "\n".join(server.lines)
+    assert "replacement" not in text and "exited with" not in text, text
+    assert "Traceback" not in text, text
+
+
+def test_spawned_worker_finishes_its_connection_through_a_cgroup_wide_sigterm(
+    start_server: ServerFactory,
+) -> None:
+    server = start_server("spawn")
+    with socket.create_connection(("127.0.0.1", server.port)) as busy:
+        busy.sendall(MESSAGE)
+        assert busy.recv(100) == MESSAGE
+        workers = server.descendants()
+        assert workers
+        for pid in [server.pid, *workers]:  # every process, whatever its process group
+            os.kill(pid, signal.SIGTERM)
+        busy.sendall(b"still here")
+        assert busy.recv(100) == b"still here"
+    assert server.wait(30) == 0
+    stats = server.final_stats()
+    assert stats["completed"] == 1 and stats["failed"] == {}, stats
+
+
+def test_sendmsg_with_connections_limit_under_concurrent_load_exits_cleanly(
+    start_server: ServerFactory,
+) -> None:
+    # Once: the stop made the channel blocking, and passing a descriptor then read worker
+    # messages from it, raising an uncaught TimeoutError (exit 1, no stats line).
+    server = start_server("sendmsg", "--workers", "1", "--connections", "5")
+    results: list[bytes] = []
+
+    def client() -> None:
+        try:
+            results.append(echo_once(server.port, timeout=5))
+        except OSError:
+            results.append(b"")
+
+    threads = [threading.Thread(target=client) for _ in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert server.wait(30) == 0
+    stats = server.final_stats()
+    assert stats["accepted"] >= 5 and stats["completed"] >= 5, stats
+    assert results.count(MESSAGE) >= 5
+    assert not [line for line in server.lines if "Traceback" in line]
+
+
+def test_sendmsg_stop_serves_everything_queued_behind_a_busy_pool(
+    start_server: ServerFactory,
+) -> None:
+    # Once: the parent blocked in send(STOP) while workers blocked telling it their state, and
+    # everything queued was killed at the deadline instead of served.
+    server = start_server("sendmsg", "--workers", "1", "--max-workers", "1", "--grace", "20")
+    slow = socket.create_connection(("127.0.0.1", server.port))
+    slow.sendall(b"x")
+    assert slow.recv(1) == b"x"  # the only worker is busy with it
+    queued = []
+    for _ in range(40):
+        sock = socket.create_connection(("127.0.0.1", server.port))
+        sock.sendall(MESSAGE)
+        queued.append(sock)
+    assert wait_until(lambda: server.stats()["accepted"] == 41)
+    os.kill(server.pid, signal.SIGTERM)
+    slow.close()  # the worker is free: it must now serve all 40, then leave on STOP
+    for sock in queued:
+        sock.settimeout(20)
+        sock.shutdown(socket.SHUT_WR)
+        got = b""
+        while chunk := sock.recv(4096):
+            got += chunk
+        assert got == MESSAGE
+        sock.close()
+    assert server.wait(30) == 0
+    stats = server.final_stats()
+    assert stats["completed"] == 41 and stats["failed"] == {}, stats
+
+
+def test_worker_cmd_program_gets_no_statistics_descriptor(start_server: ServerFactory) -> None:
+    # Once: every --worker-cmd program got the report pipe as descriptor 3, and garbage
+    # written there crashed the server.
+    probe = "if [ -e /proc/self/fd/3 ]; then echo HAS3; else echo NO3; fi; cat"
+    server = start_server("spawn", "--worker-cmd", f"sh -c '{probe}'")
+    assert echo_once(server.port, b"hi\n") == b"NO3\n"
+    server.stop()
+    assert "report_errors" not in server.final_stats()
+
+
+def test_malformed_report_records_are_skipped_and_counted() -> None:
+    pipe = ReportPipe()
+    stats = Stats("spawn")
+    os.write(
+        pipe.write_fd,
+        b"garbage\nd 12 completed 5 5\nd x completed 1 1\nd 13 exploded 1 1\n"
+        b"\xff\xfe\nd 14 reset 3 -1\nd 15 reset 3 2\n",
+    )
+    pipe.drain(stats)
+    assert (stats.completed, dict(stats.failed), stats.report_errors) == (1, {"reset": 1}, 5)
+    assert (stats.bytes_in, stats.bytes_out) == (8, 7)
+    pipe.close()
