@@ -1,16 +1,23 @@
-"""The seven claims: each gives "holds", "does not hold" and "inconclusive" on data made for it."""
+"""The seven claims: each gives "holds", "does not hold" and "inconclusive" on data made for it;
+and the control (a design against an identical copy of itself) comes out inconclusive."""
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 from typing import Any
 
 import pytest
 from test_report import failed_run, make_results, make_run
 
-from lab.measure.claims import HOLDS, INCONCLUSIVE, NOT_HOLDS, Claim, evaluate
+from lab.measure.claims import BACKLOG, HOLDS, INCONCLUSIVE, NOT_HOLDS, POOLS, Claim, evaluate
+from lab.measure.compare import CONTROLS, GROWING, POOL_DESIGNS, VARIANTS
+from lab.measure.report import aggregate, cells_for
+from lab.sockets.designs import DESIGNS
+from lab.sockets.pool import PoolServer
 
 SLOW = (100, 200, 1_100_000)  # one SYN retransmission
+CPR = "connect-per-request"
 
 
 def design(
@@ -43,9 +50,10 @@ def claim(number: int, *runs: list[dict[str, Any]]) -> Claim:
     return result
 
 
-def test_seven_claims_with_every_field() -> None:
+def test_seven_claims_and_the_control_with_every_field() -> None:
     claims = evaluate(make_results(design("fork")))
-    assert [c.number for c in claims] == [1, 2, 3, 4, 5, 6, 7]
+    assert [c.number for c in claims] == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert claims[-1].statement.startswith("control:")
     for c in claims:
         assert c.statement and c.source and c.measurement and c.evidence
         assert c.verdict in (HOLDS, NOT_HOLDS, INCONCLUSIVE)
@@ -120,23 +128,61 @@ def test_spawn_inconclusive() -> None:
     assert missing.verdict == INCONCLUSIVE and "spawn did not run" in missing.evidence
 
 
-def test_single_run_still_gives_a_verdict() -> None:
+def test_a_single_run_is_never_clear() -> None:
     c = claim(2, design("spawn", cpu=(20,)), design("multi-accept", cpu=(0.1,)))
-    assert c.verdict == HOLDS and "single run" in c.evidence
+    assert c.verdict == INCONCLUSIVE and "single run" in c.evidence
+    assert claim(3, _sendmsg((400,), repeats=1)).verdict == INCONCLUSIVE
+    assert claim(5, design("fork", cpu=(2.0,)), design("sendmsg", cpu=(0.1,))).verdict == (
+        INCONCLUSIVE
+    )
+
+
+def test_spreads_apart_by_less_than_the_noise_are_not_clear() -> None:
+    """Two repeats each, spreads apart by a hair (3 %): not clear, whatever the old rule of
+    non-overlapping spreads said."""
+    c = claim(
+        6,
+        design("multi-accept", cpu=(0.100, 0.101), tp=(1000, 1010)),
+        design("sendmsg", cpu=(0.103, 0.104), tp=(1030, 1040)),
+    )
+    assert c.verdict == INCONCLUSIVE and "not clearly apart" in c.evidence
+    (ma,) = cells_for(aggregate(make_results(design("multi-accept"))), "multi-accept", CPR).values()
+    assert ma.cpu_s_per_1000 is not None and not ma.cpu_s_per_1000.repeated
+
+
+def test_the_lists_of_designs_are_the_registries() -> None:
+    assert DESIGNS["iterative"].default_backlog == BACKLOG
+    assert (
+        set(POOLS)
+        == set(POOL_DESIGNS)
+        == {n for n, d in DESIGNS.items() if issubclass(d, PoolServer)}
+    )
+    assert GROWING in VARIANTS and VARIANTS[GROWING].design in POOL_DESIGNS
+    assert CONTROLS and all(VARIANTS[copy].design == base for base, copy in CONTROLS)
 
 
 # --- 3. sendmsg ----------------------------------------------------------------------------------
 
 
-def _sendmsg(top: Sequence[float], **kwargs: Any) -> list[dict[str, Any]]:
-    return design("sendmsg", tp=(1000, 1010), concurrencies=(1,)) + design(
-        "sendmsg", tp=top, concurrencies=(64,), shed=5, **kwargs
+def _sendmsg(top: Sequence[float], repeats: int = 2, **kwargs: Any) -> list[dict[str, Any]]:
+    """The growing sendmsg: its best at c=1, ``top`` at c=64."""
+    best = (1000, 1010)[:repeats]
+    return design(GROWING, tp=best, concurrencies=(1,)) + design(
+        GROWING, tp=top, concurrencies=(64,), shed=5, **kwargs
     )
 
 
 def test_sendmsg_holds_and_counts_sheds() -> None:
     c = claim(3, _sendmsg((900, 950)))
-    assert c.verdict == HOLDS and "shed 10" in c.evidence
+    assert c.verdict == HOLDS and "shed 10" in c.evidence and GROWING in c.measurement
+
+
+def test_sendmsg_is_judged_on_its_growing_pool_only() -> None:
+    pinned = design("sendmsg", tp=(1000, 1010), concurrencies=(1,)) + design(
+        "sendmsg", tp=(400, 500), concurrencies=(64,)
+    )
+    c = claim(3, pinned)
+    assert c.verdict == INCONCLUSIVE and f"{GROWING} did not run" in c.evidence
 
 
 def test_sendmsg_does_not_hold() -> None:
@@ -147,7 +193,7 @@ def test_sendmsg_inconclusive() -> None:
     assert claim(3, _sendmsg((700, 900))).verdict == INCONCLUSIVE  # straddles 80 %
     bound = claim(3, _sendmsg((900, 950), loader_bound=True))
     assert bound.verdict == INCONCLUSIVE and "loader-bound" in bound.evidence
-    assert claim(3, design("sendmsg")).verdict == INCONCLUSIVE  # one concurrency
+    assert claim(3, design(GROWING)).verdict == INCONCLUSIVE  # one concurrency
 
 
 # --- 4. multi-accept best of four ----------------------------------------------------------------
@@ -248,3 +294,102 @@ def test_threads_cheaper_inconclusive() -> None:
     assert missing.verdict == INCONCLUSIVE and "peer-forking did not run" in missing.evidence
     bound = claim(7, design("peer-threading"), design("peer-forking", cpu=(1,), loader_bound=True))
     assert bound.verdict == INCONCLUSIVE and "loader-bound" in bound.evidence
+
+
+# --- equal pools --------------------------------------------------------------------------
+
+
+def test_pools_of_unequal_size_are_never_compared() -> None:
+    two = {"101": 500, "102": 500}
+    eight = {str(pid): 125 for pid in range(201, 209)}
+    c = claim(
+        6,
+        design("multi-accept", cpu=(0.1, 0.11), tp=(2000, 2100), per_worker=two),
+        design("sendmsg", cpu=(0.2, 0.22), tp=(1000, 1100), per_worker=eight),
+    )
+    assert c.verdict == INCONCLUSIVE
+    assert "unequal pools" in c.evidence and "multi-accept 2 vs sendmsg 8" in c.evidence
+    equal = claim(
+        6,
+        design("multi-accept", cpu=(0.1, 0.11), tp=(2000, 2100), per_worker=two),
+        design("sendmsg", cpu=(0.2, 0.22), tp=(1000, 1100), per_worker=two),
+    )
+    assert equal.verdict == HOLDS
+
+
+# --- the control: a design against an identical copy of itself ----------------------------------
+
+CONTROL, COPY = CONTROLS[0]
+
+
+def noisy(name: str, rng: random.Random, cv: float, repeats: int = 3) -> list[dict[str, Any]]:
+    """Every workload and concurrency, each repeat's CPU and throughput drawn with noise ``cv``
+    around the same true values."""
+    return [
+        make_run(
+            name,
+            c,
+            workload=w,
+            repeat=r,
+            cpu_ms=0.1 * rng.lognormvariate(0, cv),
+            throughput=10_000 * rng.lognormvariate(0, cv),
+            latencies_us=(100, 200),
+        )
+        for w in (CPR, "persistent")
+        for c in (1, 8, 64, 256)
+        for r in range(repeats)
+    ]
+
+
+def test_control_identical_values_are_inconclusive() -> None:
+    c = claim(8, design(CONTROL, cpu=(0.1, 0.1, 0.1)), design(COPY, cpu=(0.1, 0.1, 0.1)))
+    assert c.verdict == INCONCLUSIVE and "as expected" in c.evidence
+
+
+@pytest.mark.parametrize("cv", [0.05, 0.15, 0.3])
+def test_control_noisy_copies_are_inconclusive(cv: float) -> None:
+    """Ten runs of a design and its copy, with machine noise between repeats: the judging never
+    tells them apart — where non-overlapping spreads alone would have, again and again."""
+    apart = 0
+    for seed in range(10):
+        rng = random.Random(seed)
+        runs = noisy(CONTROL, rng, cv) + noisy(COPY, rng, cv)
+        c = claim(8, runs)
+        assert c.verdict == INCONCLUSIVE, (seed, c.evidence)
+        cells = aggregate(make_results(runs))
+        for w in (CPR, "persistent"):
+            mine, theirs = cells_for(cells, CONTROL, w), cells_for(cells, COPY, w)
+            for conc, cell in mine.items():
+                for metric in ("cpu_s_per_1000", "throughput"):
+                    a, b = getattr(cell, metric), getattr(theirs[conc], metric)
+                    apart += a.low > b.high or b.low > a.high
+    assert apart > 0  # the old rule would have called these
+
+
+def test_control_single_runs_are_inconclusive() -> None:
+    rng = random.Random(1)
+    c = claim(8, noisy(CONTROL, rng, 0.2, repeats=1), noisy(COPY, rng, 0.2, repeats=1))
+    assert c.verdict == INCONCLUSIVE
+
+
+def test_control_a_copy_that_really_differs_is_told_apart() -> None:
+    c = claim(
+        8,
+        design(CONTROL, cpu=(0.1, 0.105, 0.11), tp=(2000, 2050, 2100)),
+        design(COPY, cpu=(0.3, 0.31, 0.32), tp=(900, 950, 1000)),
+    )
+    assert c.verdict == HOLDS and "told apart" in c.evidence
+
+
+def test_control_a_copy_that_differs_in_cpu_alone_is_told_apart() -> None:
+    c = claim(
+        8,
+        design(CONTROL, cpu=(0.1, 0.105, 0.11), tp=(2000, 2050, 2100)),
+        design(COPY, cpu=(0.3, 0.31, 0.32), tp=(2000, 2050, 2100)),
+    )
+    assert c.verdict == HOLDS and "clearly apart in ms/req" in c.evidence
+
+
+def test_control_not_run_is_inconclusive() -> None:
+    c = claim(8, design(CONTROL))
+    assert c.verdict == INCONCLUSIVE and f"{COPY} did not run" in c.evidence

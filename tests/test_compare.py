@@ -10,6 +10,8 @@ import pytest
 
 from lab.measure import compare as sweep
 from lab.measure.bench import BenchError, LocalBackend
+from lab.measure.claims import INCONCLUSIVE, evaluate
+from lab.measure.report import aggregate, cells_for
 
 TINY = sweep.Matrix(
     sweep.all_servers(),  # every design, variant and peer
@@ -50,8 +52,23 @@ def test_tiny_local_compare_has_every_design_workload_and_field(
         assert run["server"]["cpu_s_per_1000"] is not None
     spawn_cat = next(r for r in saved["runs"] if r["design"] == "spawn+cat")
     assert spawn_cat["server_options"] == ["--worker-cmd", "cat"]
-    pool = next(r for r in saved["runs"] if r["design"] == "multi-accept")
-    assert pool["server_options"] == ["--workers", str(TINY.workers)]
+    # Every pool at the same size, pinned (no growth), except the variant that grows.
+    workers = str(TINY.workers)
+    for name in sweep.POOL_DESIGNS:
+        pool = next(r for r in saved["runs"] if r["design"] == name)
+        assert pool["server_options"] == ["--workers", workers, "--max-workers", workers]
+        assert pool["server"]["stats"]["workers_alive"] == TINY.workers
+    grow = next(r for r in saved["runs"] if r["design"] == sweep.GROWING)
+    assert grow["server_options"] == [
+        "--workers",
+        workers,
+        "--max-workers",
+        str(sweep.GROWTH * TINY.workers),
+    ]
+    for base, copy in sweep.CONTROLS:
+        twin = next(r for r in saved["runs"] if r["design"] == copy)
+        original = next(r for r in saved["runs"] if r["design"] == base)
+        assert twin["server_options"] == original["server_options"]
 
 
 def test_every_run_records_its_environment(tiny_results: tuple[dict[str, object], Path]) -> None:
@@ -74,6 +91,30 @@ def test_runs_are_kept_and_two_runs_compare(tiny_results: tuple[dict[str, object
     assert all(row["throughput_rps"]["ratio"] == pytest.approx(1.0) for row in rows)
     with pytest.raises(BenchError, match="no run 'nope'"):
         sweep.changes(db, "nope", "20991231-000000")
+
+
+def test_control_a_design_against_its_identical_copy_is_inconclusive() -> None:
+    """A real compare of a design and its copy, three repeats at two concurrencies: the judging
+    tells them apart in nothing."""
+    ((base, copy),) = sweep.CONTROLS
+    matrix = sweep.Matrix(
+        [base, copy],
+        workloads=["connect-per-request"],
+        concurrency=[2, 8],
+        repeats=3,
+        duration=0.5,
+        warmup=0.2,
+    )
+    results = sweep.compare(LocalBackend, matrix)
+    assert not [r for r in results["runs"] if "error" in r]
+    cells = aggregate(results)
+    assert all(c.runs == 3 and c.usable for c in cells)
+    control = evaluate(results)[-1]
+    assert control.statement.startswith("control:") and copy in control.statement
+    assert control.verdict == INCONCLUSIVE, control.evidence
+    assert "nothing told apart in 2 comparisons" in control.evidence
+    pool = cells_for(cells, copy, "connect-per-request")[8].pool
+    assert pool is not None and pool.high == matrix.workers
 
 
 def test_a_failed_run_is_kept_with_its_error_and_the_sweep_goes_on(tmp_path: Path) -> None:
@@ -131,8 +172,16 @@ def test_compare_command_writes_results_and_report_and_report_rerenders(tmp_path
     assert (folder / "results.json").is_file() and (folder / "report.md").is_file()
     assert list(folder.glob("*.png")), "the report has its plots"
     report = (folder / "report.md").read_text()
-    assert "Claims" in report or "claims" in report
     saved = json.loads((folder / "results.json").read_text())
+    # The claims section: one entry per claim, each with the verdict the data gives.
+    claims = evaluate(saved)
+    section = report.split("## Claims")[1].split("\n## ")[0]
+    entries = [line for line in section.splitlines() if line.startswith("### ")]
+    assert entries == [f"### {c.number}. {c.statement} — **{c.verdict}**" for c in claims]
+    # Only iterative and fork ran, at c=2: nothing the claims need is there.
+    assert all(c.verdict == INCONCLUSIVE for c in claims)
+    assert "no measured iterative run beyond the backlog" in claims[0].evidence
+    assert "multi-accept did not run" in claims[3].evidence
     assert "lab compare --designs iterative,fork" in saved["command"]
     assert "the report:" in result.output
 

@@ -16,23 +16,16 @@ from typing import Any
 
 import pytest
 
+from lab.measure import compare as sweep
 from lab.measure.bench import ServerCost
+from lab.measure.claims import evaluate
 from lab.measure.histogram import LatencyHistogram
 from lab.measure.report import Spread, aggregate, cells_for, render, summary_table
 from lab.measure.result import LoadResult
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-DESIGNS = [
-    "iterative",
-    "spawn",
-    "spawn+cat",
-    "fork",
-    "sendmsg",
-    "multi-accept",
-    "peer-threading",
-    "peer-forking",
-    "peer-socat",
-]
+DESIGNS = sweep.all_servers()  # every design, variant and peer, from the registries
+POOLS = [n for n in DESIGNS if sweep.base_design(n) in sweep.POOL_DESIGNS]
 CPR = "connect-per-request"
 
 
@@ -61,10 +54,16 @@ def make_run(
     overflows: int = 0,
     shed: int = 0,
     per_worker: dict[str, int] | None = None,
+    workers_alive: int | None = None,
     starved: int = 0,
+    starved_wait_us: int = 1_500_000,
     memory: int = 50 * 2**20,
 ) -> dict[str, Any]:
-    """One run as ``lab compare`` writes it: a real LoadResult and ServerCost, as dicts."""
+    """One run as ``lab compare`` writes it: a real LoadResult and ServerCost, as dicts
+    (persistent: 10 messages per connection)."""
+    waits = LatencyHistogram()
+    for _ in range(starved):
+        waits.record(starved_wait_us)
     load = LoadResult(
         config={"workload": workload, "concurrency": concurrency},
         measure_start=100.0,
@@ -73,6 +72,7 @@ def make_run(
         requests=int(throughput),
         loader_bound=loader_bound,
         starved=starved,
+        starved_histogram=waits.encode(),
         connections=int(throughput),
     )
     load.errors.update(errors or {})
@@ -85,9 +85,14 @@ def make_run(
     }
     if per_worker:
         stats["per_worker"] = per_worker
+        stats["workers_alive"] = len(per_worker) if workers_alive is None else workers_alive
+    per_connection = 10 if workload == "persistent" else 1
     cost = ServerCost(
         cpu_s=(cpu_ms or 0) * throughput / 1000,
+        requests=int(throughput),
+        window_s=1.0,
         cpu_s_per_1000=cpu_ms,
+        cpu_s_per_1000_connections=None if cpu_ms is None else cpu_ms * per_connection,
         memory_peak_bytes=memory,
         memory_mean_bytes=memory * 0.9,
         listen_overflows=overflows,
@@ -165,6 +170,8 @@ def _full_results() -> dict[str, Any]:
         "fork": 1.5,
         "sendmsg": 0.12,
         "multi-accept": 0.08,
+        "sendmsg+grow": 0.13,
+        "multi-accept#2": 0.08,
         "peer-threading": 0.1,
         "peer-forking": 1.0,
         "peer-socat": 1.2,
@@ -174,7 +181,7 @@ def _full_results() -> dict[str, Any]:
         for workload in (CPR, "persistent"):
             for concurrency in (1, 16):
                 for repeat in range(3):
-                    pool = design in ("sendmsg", "multi-accept")
+                    pool = design in POOLS
                     runs.append(
                         make_run(
                             design,
@@ -182,7 +189,7 @@ def _full_results() -> dict[str, Any]:
                             workload=workload,
                             repeat=repeat,
                             throughput=1000 + 100 * repeat + concurrency,
-                            cpu_ms=cpu[design] * (1 + 0.01 * repeat),
+                            cpu_ms=cpu.get(design, 0.5) * (1 + 0.01 * repeat),
                             per_worker={"101": 600 + repeat, "102": 400} if pool else None,
                             overflows=7 if design == "iterative" and concurrency > 6 else 0,
                             latencies_us=(100, 200, 1_100_000)
@@ -282,13 +289,9 @@ def test_report_renders_with_plots(tmp_path: Path) -> None:
     text = path.read_text()
     assert "20261126-002400" in text and "local" in text and "full" in text
     assert "## Summary" in text and "| design |" in text
-    assert (
-        "## Claims" in text
-        and text.count("**holds**")
-        + text.count("**inconclusive**")
-        + (text.count("**does not hold**"))
-        == 7
-    )
+    assert "## Claims" in text and text.count("**holds**") + text.count("**inconclusive**") + (
+        text.count("**does not hold**")
+    ) == len(evaluate(results))
     assert "## Environment" in text
     for name in ("kernel", "cores", "python", "sysctls.net.core.somaxconn", "git_commit", "image"):
         assert f"- {name}: " in text
@@ -366,3 +369,115 @@ def test_nothing_measured_still_renders(tmp_path: Path) -> None:
     text = render(make_results([failed_run("fork")]), tmp_path).read_text()
     assert "## Claims" in text and "## Environment" in text
     assert "inconclusive" in text
+
+
+# --- pools, starvation, the C peers, variants ----------------------------------------------------
+
+
+def _row(text: str, design: str, concurrency: int, section: str = CPR) -> list[str]:
+    """The cells of ``design``'s row at ``concurrency`` in the table of ``section``."""
+    table = text.split(f"### {section}")[1].split("\n\n")[1]
+    header = [h.strip() for h in table.splitlines()[0].strip("|").split("|")]
+    for line in table.splitlines()[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if cells[0] == design and cells[1] == str(concurrency):
+            return dict(zip(header, cells, strict=True))  # type: ignore[return-value]
+    raise AssertionError(f"no row {design} c={concurrency}")
+
+
+def test_the_report_shows_the_pool_each_run_actually_had(tmp_path: Path) -> None:
+    two = {"1": 50, "2": 50}
+    grown = {str(pid): 10 for pid in range(10, 18)}  # eight workers served
+    results = make_results(
+        [
+            make_run("multi-accept", 1, per_worker={"1": 100}, workers_alive=2),  # one served
+            *(make_run("sendmsg", 64, repeat=r, per_worker=two) for r in range(2)),
+            make_run("sendmsg+grow", 64, per_worker=grown, workers_alive=5),
+            make_run("sendmsg+grow", 64, repeat=1, per_worker=two),
+            make_run("fork", 64),
+        ]
+    )
+    cells = aggregate(results)
+    assert cells_for(cells, "multi-accept", CPR)[1].pool == Spread(2, 2, 2, 1)
+    assert cells_for(cells, "sendmsg+grow", CPR)[64].pool == Spread(5, 2, 8, 2)
+    assert cells_for(cells, "fork", CPR)[64].pool is None
+    text = render(results, tmp_path).read_text()
+    assert _row(text, "sendmsg", 64)["pool"] == "2"
+    assert _row(text, "sendmsg+grow", 64)["pool"] == "5 (2–8)"
+    assert _row(text, "fork", 64)["pool"] == "—"
+    assert "- **sendmsg+grow**: sendmsg whose pool grows" in text  # the variant, labelled
+
+
+def test_starved_connections_are_reported_with_their_wait(tmp_path: Path) -> None:
+    results = make_results(
+        [
+            make_run(
+                "multi-accept",
+                8,
+                workload="persistent",
+                repeat=r,
+                starved=3,
+                starved_wait_us=2_000_000,
+                per_worker={"1": 40, "2": 40},
+            )
+            for r in range(2)
+        ]
+        + [make_run("fork", 8, workload="persistent")]
+    )
+    (cell,) = cells_for(aggregate(results), "multi-accept", "persistent").values()
+    assert cell.starved == 6 and cell.starved_wait["count"] == 6
+    assert 1_990_000 <= cell.starved_wait["p50"] <= 2_010_000
+    text = render(results, tmp_path).read_text()
+    section = text.split("## Starved connections")[1].split("## ")[0]
+    (line,) = [line for line in section.splitlines() if line.startswith("- ")]
+    assert "**multi-accept**, persistent, c=8: 6 connections starved over 2 runs" in line
+    assert "median 2,000 ms" in line or "median 1,999 ms" in line or "median 2,001 ms" in line
+    assert "pool of 2 serves 2 connections at a time; the other 6 of 8 wait" in line
+    assert "fork" not in section
+    assert "see Starved connections" in _row(text, "multi-accept", 8, "persistent")["flags"]
+
+
+def test_no_starvation_no_section(tmp_path: Path) -> None:
+    text = render(make_results([make_run("fork")]), tmp_path).read_text()
+    assert "## Starved connections" not in text
+
+
+def test_the_c_column_divides_by_the_c_peer_of_the_family(tmp_path: Path) -> None:
+    """×C: a design's CPU per request over its family's C peer's at the same workload and
+    concurrency — prefork designs and their variants by peer-c-prefork, fork designs by
+    peer-c-fork; "—" for peers, and where the C peer did not run."""
+    from lab.sockets.designs import DESIGNS as REGISTRY
+
+    assert REGISTRY["multi-accept"].family == "prefork" and REGISTRY["spawn"].family == "fork"
+    results = make_results(
+        [
+            make_run("peer-c-prefork", 8, cpu_ms=0.02),
+            make_run("peer-c-fork", 8, cpu_ms=0.5),
+            make_run("multi-accept", 8, cpu_ms=0.1),
+            make_run("multi-accept#2", 8, cpu_ms=0.06),
+            make_run("spawn", 8, cpu_ms=10.0),
+            make_run("spawn+cat", 8, cpu_ms=1.0),
+            make_run("fork", 1, cpu_ms=1.0),  # no C peer at c=1
+            make_run("peer-threading", 8, cpu_ms=0.1),
+        ]
+    )
+    text = render(results, tmp_path).read_text()
+    expected = {
+        ("multi-accept", 8): "×5.0",
+        ("multi-accept#2", 8): "×3.0",
+        ("spawn", 8): "×20.0",
+        ("spawn+cat", 8): "×2.0",
+        ("fork", 1): "—",
+        ("peer-threading", 8): "—",
+        ("peer-c-prefork", 8): "—",
+    }
+    for (design, concurrency), ratio in expected.items():
+        assert _row(text, design, concurrency)["×C"] == ratio, design
+    summary = summary_table(results)
+    assert "| ×C |" in summary and "×20.0" in summary
+
+
+def test_persistent_tables_show_cpu_per_connection(tmp_path: Path) -> None:
+    results = make_results([make_run("fork", 8, workload="persistent", cpu_ms=0.2)])
+    row = _row(render(results, tmp_path).read_text(), "fork", 8, "persistent")
+    assert row["CPU ms/req"] == "0.200" and row["CPU ms/conn"] == "2.000"

@@ -1,12 +1,19 @@
 """The claims the lab tests, judged against a ``lab compare`` run.
 
-Each claim compares aggregated cells (:mod:`lab.measure.report`). "Clearly" means the spreads
-(min–max over repeats) do not overlap; overlapping spreads give ``inconclusive``. A single run
-has no spread: it still gets a verdict, and the evidence says "single run". A design missing
-from the run, with every run failed, or loader-bound gives ``inconclusive`` with the reason.
+Each claim compares aggregated cells (:mod:`lab.measure.report`). "Clearly" means: both cells
+from at least two repeats, their spreads (min–max over repeats) apart, and their medians apart
+by more than the run's own repeat-to-repeat noise allows by chance (:meth:`Spread.above`);
+anything less gives ``inconclusive``. A single run has no spread: it is never clear, and the
+evidence says "single run". A design missing from the run, with every run failed, or
+loader-bound gives ``inconclusive`` with the reason; so do two pools of unequal size (the pool
+each run actually had, from the server's statistics), which are never compared.
 
 Per concurrency a comparison gives a verdict; a claim's verdict combines them: any
 ``does not hold`` → does not hold; all ``holds`` → holds; otherwise inconclusive.
+
+The last claim is a control: a design against an identical copy of itself (a variant with the
+same options). It must come out inconclusive; anything else means the judging called noise a
+difference.
 """
 
 from __future__ import annotations
@@ -15,7 +22,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from lab.measure.compare import CONTROLS, GROWING, POOL_DESIGNS
 from lab.measure.report import CONNECT_PER_REQUEST, Cell, Spread, aggregate, cells_for
+from lab.sockets.designs import DESIGNS
 
 __all__ = ["BACKLOG", "HOLDS", "INCONCLUSIVE", "NOT_HOLDS", "Claim", "Verdict", "evaluate"]
 
@@ -25,16 +34,19 @@ NOT_HOLDS: Verdict = "does not hold"
 INCONCLUSIVE: Verdict = "inconclusive"
 
 #: The iterative design's listen backlog.
-BACKLOG = 5
+BACKLOG = DESIGNS["iterative"].default_backlog
 #: A delay this long (µs) is a SYN retransmission, not service time.
 SYN_DELAY_US = 1_000_000
 #: sendmsg stays unhindered if its throughput at the highest concurrency is this share of its best.
 UNHINDERED_SHARE = 0.8
+#: Said of a comparison that tells nothing apart.
+UNCLEAR = " (not clearly apart: the spreads overlap, or differ by less than the noise)"
 #: Stevens: pools cut per-connection CPU by this factor against fork-per-connection.
 POOL_FACTOR = 10.0
 
-POOLS = ("multi-accept", "sendmsg")
-FOUR = ("iterative", "spawn", "sendmsg", "multi-accept")
+POOLS = POOL_DESIGNS
+#: The chapter's own designs (claim 4's "the four"): those whose origin is the chapter.
+CHAPTER = tuple(name for name, design in DESIGNS.items() if design.origin.startswith("the chapter"))
 
 
 @dataclass(frozen=True)
@@ -57,7 +69,20 @@ def _combine(verdicts: Iterable[Verdict]) -> Verdict:
 
 
 def _single(*spreads: Spread | None) -> str:
-    return " (single run)" if any(s is not None and s.n == 1 for s in spreads) else ""
+    if any(s is not None and s.n == 1 for s in spreads):
+        return " (single run: never clear)"
+    return ""
+
+
+def _pool_text(cell: Cell) -> str:
+    return f"{cell.design} {_fmt(cell.pool, 0)}"
+
+
+def _unequal_pools(a: Cell, b: Cell) -> bool:
+    """Both are pools, and they did not run with the same number of workers."""
+    if a.pool is None or b.pool is None:
+        return False
+    return (a.pool.low, a.pool.high) != (b.pool.low, b.pool.high)
 
 
 def _fmt(spread: Spread | None, digits: int = 3) -> str:
@@ -94,9 +119,20 @@ def _pairwise(
         rivals = [t[concurrency] for t in theirs if concurrency in t and t[concurrency].usable]
         if not cell.usable or not rivals:
             continue
+        unequal = [r for r in rivals if _unequal_pools(cell, r)]
+        rivals = [r for r in rivals if r not in unequal]
+        note = ""
+        if unequal:
+            note = "; not compared, unequal pools (workers): " + ", ".join(
+                f"{_pool_text(cell)} vs {_pool_text(r)}" for r in unequal
+            )
+        if not rivals:
+            verdicts.append(INCONCLUSIVE)
+            lines.append(f"c={concurrency}: {note.removeprefix('; ')} → {INCONCLUSIVE}")
+            continue
         verdict, line = judge(cell, rivals)
         verdicts.append(verdict)
-        lines.append(f"c={concurrency}: {line} → {verdict}")
+        lines.append(f"c={concurrency}: {line}{note} → {verdict}")
     return _combine(verdicts), lines
 
 
@@ -192,7 +228,7 @@ def _spawn(cells: Sequence[Cell]) -> Claim:
             return HOLDS, text
         if any(mine.below(s) for _, s in theirs_):
             return NOT_HOLDS, text
-        return INCONCLUSIVE, text + " (spreads overlap)"
+        return INCONCLUSIVE, text + UNCLEAR
 
     verdict, lines = _pairwise(cells, "spawn", POOLS, judge)
     if not lines:
@@ -219,10 +255,11 @@ def _sendmsg(cells: Sequence[Cell]) -> Claim:
         3,
         "sendmsg: the server stays unhindered during heavy activity",
         "docs/designs/sendmsg.md",
-        f"sendmsg connect-per-request throughput at the highest concurrency vs its best "
-        f"(≥ {UNHINDERED_SHARE:.0%}); connections shed",
+        f"{GROWING} (its pool free to grow, as the design means it) connect-per-request "
+        f"throughput at the highest concurrency vs its best (≥ {UNHINDERED_SHARE:.0%}); "
+        "connections shed",
     )
-    mine = cells_for(cells, "sendmsg", CONNECT_PER_REQUEST)
+    mine = cells_for(cells, GROWING, CONNECT_PER_REQUEST)
     usable = {c: cell for c, cell in mine.items() if cell.usable}
     if not mine or max(mine) not in usable or len(usable) < 2:
         reasons = [mine[max(mine)].why_unusable()] if mine and max(mine) not in usable else []
@@ -230,7 +267,7 @@ def _sendmsg(cells: Sequence[Cell]) -> Claim:
             *claim,
             INCONCLUSIVE,
             _no_data(
-                reasons or _missing(cells, ("sendmsg",), CONNECT_PER_REQUEST),
+                reasons or _missing(cells, (GROWING,), CONNECT_PER_REQUEST),
                 "fewer than two usable concurrencies",
             ),
         )
@@ -239,7 +276,9 @@ def _sendmsg(cells: Sequence[Cell]) -> Claim:
     assert top.throughput is not None and best.throughput is not None
     floor = UNHINDERED_SHARE * best.throughput.median
     share = top.throughput.median / best.throughput.median if best.throughput.median else 0.0
-    if top.throughput.low >= floor:
+    if not (top.throughput.repeated and best.throughput.repeated):
+        verdict = INCONCLUSIVE
+    elif top.throughput.low >= floor:
         verdict = HOLDS
     elif top.throughput.high < floor:
         verdict = NOT_HOLDS
@@ -248,9 +287,10 @@ def _sendmsg(cells: Sequence[Cell]) -> Claim:
     shed = sum(c.shed for c in mine.values())
     evidence = (
         f"c={top.concurrency} {_fmt(top.throughput, 0)} req/s = {share:.0%} of its best "
-        f"{_fmt(best.throughput, 0)} at c={best.concurrency}{_single(top.throughput)}"
-        f"\nshed {top.shed:,} at c={top.concurrency} ({shed:,} over all concurrencies), "
-        f"errors {top.errors_total:,}"
+        f"{_fmt(best.throughput, 0)} at c={best.concurrency}"
+        f"{_single(top.throughput, best.throughput)}"
+        f"\npool {_fmt(top.pool, 0)} workers at c={top.concurrency}; shed {top.shed:,} "
+        f"({shed:,} over all concurrencies), errors {top.errors_total:,}"
     )
     return Claim(*claim, verdict, evidence)
 
@@ -258,12 +298,11 @@ def _sendmsg(cells: Sequence[Cell]) -> Claim:
 def _multi_accept(cells: Sequence[Cell]) -> Claim:
     claim = (
         4,
-        "multi-accept has the best performance of the four (iterative, spawn, sendmsg, "
-        "multi-accept)",
+        f"multi-accept has the best performance of the {len(CHAPTER)} ({', '.join(CHAPTER)})",
         "docs/designs/multi-accept.md",
         "connect-per-request throughput and server CPU per request at each concurrency",
     )
-    others = [d for d in FOUR if d != "multi-accept"]
+    others = [d for d in CHAPTER if d != "multi-accept"]
 
     def judge(ma: Cell, rivals: Sequence[Cell]) -> tuple[Verdict, str]:
         tp, cpu = _tp(ma), _cpu(ma)
@@ -283,7 +322,7 @@ def _multi_accept(cells: Sequence[Cell]) -> Claim:
                     f"{rival.design} (trade-off: {_fmt(rtp, 0)} req/s, {_fmt(rcpu)} ms/req)"
                 )
             elif not (tp.above(rtp) and cpu.below(rcpu)):
-                unclear.append(f"{rival.design} (spreads overlap)")
+                unclear.append(f"{rival.design} (not clearly apart)")
         missing = len(others) - len(rivals)
         head = f"multi-accept {_fmt(tp, 0)} req/s, {_fmt(cpu)} ms/req" + _single(tp, cpu)
         if beaten:
@@ -292,7 +331,7 @@ def _multi_accept(cells: Sequence[Cell]) -> Claim:
             return INCONCLUSIVE, head + "; not clearly better than " + ", ".join(unclear)
         if missing:
             return INCONCLUSIVE, head + f"; best of {len(rivals) + 1}, {missing} not comparable"
-        return HOLDS, head + "; best of the four on both"
+        return HOLDS, head + f"; best of the {len(CHAPTER)} on both"
 
     verdict, lines = _pairwise(cells, "multi-accept", others, judge)
     if not lines:
@@ -323,6 +362,8 @@ def _factor(cells: Sequence[Cell]) -> Claim:
             f"fork {_fmt(f)} ÷ {design} {_fmt(best)} ms/req = ×{factor:.1f} "
             f"(range ×{low:.1f}–×{high:.1f}){_single(f, best)}"
         )
+        if not (f.repeated and best.repeated):
+            return INCONCLUSIVE, text
         if low >= POOL_FACTOR:
             return HOLDS, text
         if high < POOL_FACTOR:
@@ -336,6 +377,38 @@ def _factor(cells: Sequence[Cell]) -> Claim:
     return Claim(*claim, verdict, _lines(lines))
 
 
+def _versus(
+    a: str, b: str, throughput: bool
+) -> Callable[[Cell, Sequence[Cell]], tuple[Verdict, str]]:
+    """Judge ``a``'s cell against ``b``'s: clearly lower CPU per request (and clearly higher
+    throughput if ``throughput``) → holds; ``b`` clearly better on one and not clearly worse on
+    the other → does not hold; a trade-off or nothing clear → inconclusive."""
+
+    def judge(cell: Cell, rivals: Sequence[Cell]) -> tuple[Verdict, str]:
+        rival = rivals[0]
+        cpu, rcpu = _cpu(cell), _cpu(rival)
+        if cpu is None or rcpu is None:
+            return INCONCLUSIVE, "no CPU per request"
+        text = f"CPU {a} {_fmt(cpu)} vs {b} {_fmt(rcpu)} ms/req"
+        better = [cpu.below(rcpu)]
+        worse = [cpu.above(rcpu)]
+        tp, rtp = _tp(cell), _tp(rival)
+        if throughput and tp is not None and rtp is not None:
+            text += f"; {_fmt(tp, 0)} vs {_fmt(rtp, 0)} req/s"
+            better.append(tp.above(rtp))
+            worse.append(tp.below(rtp))
+        text += _single(cpu, rcpu)
+        if any(worse) and any(better):
+            return INCONCLUSIVE, text + " (a trade-off)"
+        if any(worse):
+            return NOT_HOLDS, text
+        if all(better):
+            return HOLDS, text
+        return INCONCLUSIVE, text + UNCLEAR
+
+    return judge
+
+
 def _head_to_head(
     number: int,
     statement: str,
@@ -344,9 +417,7 @@ def _head_to_head(
     b: str,
     throughput: bool,
 ) -> Callable[[Sequence[Cell]], Claim]:
-    """``a`` beats ``b``: clearly lower CPU per request (and clearly higher throughput if
-    ``throughput``) → holds; ``b`` clearly better on one and not clearly worse on the other →
-    does not hold; a trade-off or overlapping spreads → inconclusive."""
+    """``a`` beats ``b`` (see :func:`_versus`), connect-per-request."""
     measurement = (
         f"{a} vs {b}, connect-per-request: "
         + ("throughput and " if throughput else "")
@@ -354,29 +425,7 @@ def _head_to_head(
     )
 
     def evaluate(cells: Sequence[Cell]) -> Claim:
-        def judge(cell: Cell, rivals: Sequence[Cell]) -> tuple[Verdict, str]:
-            rival = rivals[0]
-            cpu, rcpu = _cpu(cell), _cpu(rival)
-            if cpu is None or rcpu is None:
-                return INCONCLUSIVE, "no CPU per request"
-            text = f"CPU {a} {_fmt(cpu)} vs {b} {_fmt(rcpu)} ms/req"
-            better = [cpu.below(rcpu)]
-            worse = [cpu.above(rcpu)]
-            tp, rtp = _tp(cell), _tp(rival)
-            if throughput and tp is not None and rtp is not None:
-                text += f"; {_fmt(tp, 0)} vs {_fmt(rtp, 0)} req/s"
-                better.append(tp.above(rtp))
-                worse.append(tp.below(rtp))
-            text += _single(cpu, rcpu)
-            if any(worse) and any(better):
-                return INCONCLUSIVE, text + " (a trade-off)"
-            if any(worse):
-                return NOT_HOLDS, text
-            if all(better):
-                return HOLDS, text
-            return INCONCLUSIVE, text + " (spreads overlap)"
-
-        verdict, lines = _pairwise(cells, a, (b,), judge)
+        verdict, lines = _pairwise(cells, a, (b,), _versus(a, b, throughput))
         if not lines:
             reasons = _missing(cells, (a, b), CONNECT_PER_REQUEST)
             return Claim(
@@ -390,6 +439,63 @@ def _head_to_head(
         return Claim(number, statement, source, measurement, verdict, _lines(lines))
 
     return evaluate
+
+
+def _differs(a: str, b: str) -> Callable[[Cell, Sequence[Cell]], tuple[Verdict, str]]:
+    """``a``'s cell differs from ``b``'s: clearly apart, either way, in throughput or in server
+    CPU per request → holds; nothing clearly apart → inconclusive."""
+
+    def judge(cell: Cell, rivals: Sequence[Cell]) -> tuple[Verdict, str]:
+        rival = rivals[0]
+        texts, apart = [], []
+        for label, metric, digits, unit in (("CPU", _cpu, 3, "ms/req"), ("", _tp, 0, "req/s")):
+            mine, theirs = metric(cell), metric(rival)
+            if mine is None or theirs is None:
+                continue
+            texts.append(f"{label} {a} {_fmt(mine, digits)} vs {b} {_fmt(theirs, digits)} {unit}")
+            if mine.above(theirs) or mine.below(theirs):
+                apart.append(unit)
+        text = "; ".join(t.strip() for t in texts) or "no figures"
+        text += _single(_cpu(cell), _cpu(rival), _tp(cell), _tp(rival))
+        if apart:
+            return HOLDS, text + f" (clearly apart in {', '.join(apart)})"
+        return INCONCLUSIVE, text + UNCLEAR
+
+    return judge
+
+
+def _control(cells: Sequence[Cell]) -> Claim:
+    pairs = " and ".join(f"{a} vs {b}" for a, b in CONTROLS) or "no control variant"
+    claim = (
+        len(_CLAIMS) + 1,
+        f"control: a design differs from an identical copy of itself ({pairs}) — the expected "
+        "verdict is inconclusive; anything else means the judging calls noise a difference",
+        "the lab's own check of its judging (compare.VARIANTS)",
+        "throughput and server CPU per request, clearly apart either way, in every workload "
+        "and at every concurrency",
+    )
+    verdicts: list[Verdict] = []
+    lines: list[str] = []
+    reasons: list[str] = []
+    for a, b in CONTROLS:
+        for workload in dict.fromkeys(c.workload for c in cells):
+            verdict, found = _pairwise(cells, a, (b,), _differs(a, b), workload)
+            if found:
+                verdicts.append(verdict)
+                lines += [f"{workload} {line}" for line in found]
+        if not any(c.design == b and c.usable for c in cells):
+            reasons += _missing(cells, (a, b), CONNECT_PER_REQUEST)
+    if not verdicts:
+        return Claim(*claim, INCONCLUSIVE, _no_data(reasons, "no common cell"))
+    told_apart = [line for line in lines if line.endswith(f"→ {HOLDS}")]
+    if told_apart:
+        head = (
+            f"identical designs told apart in {len(told_apart)} of {len(lines)} comparisons — "
+            "read this run's verdicts with suspicion"
+        )
+        return Claim(*claim, HOLDS, head + "\n" + _lines(told_apart))
+    head = f"as expected, nothing told apart in {len(lines)} comparisons"
+    return Claim(*claim, INCONCLUSIVE, head + "\n" + _lines(lines, 1))
 
 
 _CLAIMS: tuple[Callable[[Sequence[Cell]], Claim], ...] = (
@@ -418,6 +524,7 @@ _CLAIMS: tuple[Callable[[Sequence[Cell]], Claim], ...] = (
 
 
 def evaluate(results: Mapping[str, Any]) -> list[Claim]:
-    """The seven claims, each with its verdict on ``results`` (a ``results.json``)."""
+    """The seven claims and the control, each with its verdict on ``results`` (a
+    ``results.json``)."""
     cells = aggregate(results)
-    return [judge(cells) for judge in _CLAIMS]
+    return [*(judge(cells) for judge in _CLAIMS), _control(cells)]

@@ -25,11 +25,56 @@ from lab.measure.config import make_config
 from lab.measure.errors import LoadError
 from lab.measure.peers import PEERS
 from lab.sockets.designs import DESIGNS
+from lab.sockets.pool import PoolServer
 
 SCHEMA = "lab.compare/1"
-POOL_DESIGNS = ("sendmsg", "multi-accept")
-# Variants: a design run with other options, reported as its own row.
-VARIANTS = {"spawn+cat": ("spawn", ("--worker-cmd", "cat"))}
+#: The designs with a pool of ``--workers``. In the sweep every one gets the same size and none
+#: may grow past it (``--max-workers`` = ``--workers``): pools are compared at equal size.
+POOL_DESIGNS = tuple(name for name, design in DESIGNS.items() if issubclass(design, PoolServer))
+#: How far the growing variant's pool may grow: the servers' default, 4 × ``--workers``.
+GROWTH = 4
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A design run with other options, reported as its own row; its family (the C peer it is
+    measured against) is its base design's."""
+
+    design: str  # the base design
+    label: str  # what differs, as the report says it
+    options: tuple[str, ...] = ()
+    #: A pool design's ``--max-workers``, in ``--workers``: 1 pins the pool to its size.
+    growth: int = 1
+
+    @property
+    def copy(self) -> bool:
+        """Its base design with identical options: a control, never told apart from it."""
+        return not self.options and self.growth == 1
+
+
+#: Every variant, in one place: the sweep runs each beside the designs and the peers.
+VARIANTS = {
+    "spawn+cat": Variant(
+        "spawn",
+        "spawn with --worker-cmd cat: a process per connection without starting Python",
+        ("--worker-cmd", "cat"),
+    ),
+    "sendmsg+grow": Variant(
+        "sendmsg",
+        f"sendmsg whose pool grows under load to --max-workers = {GROWTH} × --workers "
+        "(the design's default)",
+        growth=GROWTH,
+    ),
+    "multi-accept#2": Variant(
+        "multi-accept",
+        "control: multi-accept again with identical options — the judging must tell it apart "
+        "from multi-accept in nothing",
+    ),
+}
+#: The growing pool: what "sendmsg stays unhindered" is judged on.
+GROWING = next(name for name, variant in VARIANTS.items() if variant.growth > 1)
+#: (design, its copy): the controls.
+CONTROLS = tuple((variant.design, name) for name, variant in VARIANTS.items() if variant.copy)
 PEER_NAMES = tuple(f"peer-{name}" for name in sorted(PEERS))
 SYSCTLS = (
     "net.core.somaxconn",
@@ -63,10 +108,30 @@ def quick_matrix(designs: list[str], workers: int) -> Matrix:
     )
 
 
+def base_design(name: str) -> str | None:
+    """The design a server name runs: itself, a variant's base, or None for a peer."""
+    if name in VARIANTS:
+        return VARIANTS[name].design
+    return name if name in DESIGNS else None
+
+
+def c_peer(name: str) -> str | None:
+    """The C peer a design (or variant) is measured against: ``peer-c-<its family>``."""
+    design = base_design(name)
+    return f"peer-c-{DESIGNS[design].family}" if design is not None else None
+
+
+def pool_options(workers: int, growth: int = 1) -> tuple[str, ...]:
+    return ("--workers", str(workers), "--max-workers", str(growth * workers))
+
+
 def server_spec(name: str, workers: int) -> ServerSpec:
     if name in VARIANTS:
-        design, options = VARIANTS[name]
-        return ServerSpec(design, options)
+        variant = VARIANTS[name]
+        pool = pool_options(workers, variant.growth) if variant.design in POOL_DESIGNS else ()
+        return ServerSpec(variant.design, (*pool, *variant.options))
+    if name in POOL_DESIGNS:
+        return ServerSpec(name, pool_options(workers))
     from lab.measure.peers import C_PEERS  # the C peers with a pool take --workers too
 
     pooled_peers = [f"peer-{peer}" for peer, (_mode, pooled) in C_PEERS.items() if pooled]

@@ -10,6 +10,8 @@ CLI prints. The claims are judged in :mod:`lab.measure.claims`, the plots drawn 
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +37,16 @@ CONNECT_PER_REQUEST = "connect-per-request"
 #: Pooled percentiles read from the merged histogram: label → percent.
 POOLED_PERCENTILES = {"p50": 50.0, "p90": 90.0, "p99": 99.0, "p99.9": 99.9}
 
+#: A spread tells two cells apart only from this many repeats each: a single run has no spread,
+#: and is never "clearly" anything.
+MIN_REPEATS = 2
+#: …and only when their medians are this many standard errors of the run's own repeat-to-repeat
+#: noise apart (see :meth:`Spread.above`): with 2–3 repeats, non-overlapping spreads alone
+#: happen by chance far too often (two identical designs would be "told apart").
+CLEAR_Z = 4.0
+#: The least relative noise assumed, however quiet a run looked.
+NOISE_FLOOR = 0.05
+
 
 @dataclass(frozen=True)
 class Spread:
@@ -44,6 +56,11 @@ class Spread:
     low: float
     high: float
     n: int
+    #: Every repeat's value, in repeat order (the plots draw a dot for each).
+    values: tuple[float, ...] = field(default=(), compare=False)
+    #: The run's relative repeat-to-repeat noise of this metric: the standard deviation of the
+    #: log of the values, pooled over every usable cell of the run (set by :func:`aggregate`).
+    noise: float = field(default=0.0, compare=False)
 
     @classmethod
     def of(cls, values: Iterable[float | int | None]) -> Spread | None:
@@ -51,15 +68,31 @@ class Spread:
         present = [float(v) for v in values if v is not None]
         if not present:
             return None
-        return cls(statistics.median(present), min(present), max(present), len(present))
+        return cls(
+            statistics.median(present), min(present), max(present), len(present), tuple(present)
+        )
 
     def above(self, other: Spread) -> bool:
-        """Clearly above ``other``: the spreads do not overlap."""
-        return self.low > other.high
+        """Clearly above ``other``: both from at least :data:`MIN_REPEATS` repeats, the spreads
+        do not overlap, and the medians are apart by more than :data:`CLEAR_Z` standard errors
+        of the run's noise (the larger of the two metrics' :attr:`noise`, at least
+        :data:`NOISE_FLOOR`): ``ln(a/b) ≥ Z·σ·√(1/n_a + 1/n_b)``."""
+        if self.n < MIN_REPEATS or other.n < MIN_REPEATS or not self.low > other.high:
+            return False
+        if other.median <= 0:
+            return False
+        sigma = max(self.noise, other.noise, NOISE_FLOOR)
+        needed = CLEAR_Z * sigma * math.sqrt(1 / self.n + 1 / other.n)
+        return math.log(self.median / other.median) >= needed
 
     def below(self, other: Spread) -> bool:
-        """Clearly below ``other``: the spreads do not overlap."""
-        return self.high < other.low
+        """Clearly below ``other`` (see :meth:`above`)."""
+        return other.above(self)
+
+    @property
+    def repeated(self) -> bool:
+        """From enough repeats to judge anything by."""
+        return self.n >= MIN_REPEATS
 
     def format(self, digits: int = 0, scale: float = 1.0) -> str:
         """``median (low–high)``, or just the median for a single value or no spread."""
@@ -86,15 +119,23 @@ class Cell:
     pooled: dict[str, int] = field(default_factory=dict)
     #: Server CPU seconds per 1,000 requests — numerically, CPU milliseconds per request.
     cpu_s_per_1000: Spread | None = None
+    #: …per 1,000 connections (persistent: of ``per_connection`` messages each).
+    cpu_s_per_1000_connections: Spread | None = None
     memory_peak_bytes: Spread | None = None
     errors: dict[str, int] = field(default_factory=dict)
     starved: int = 0
     starved_waiting: int = 0
+    #: How long the starved connections waited for their first echo, µs: the runs' starved
+    #: histograms merged (label → µs, plus "max" and "count").
+    starved_wait: dict[str, int] = field(default_factory=dict)
     listen_overflows: int = 0
     shed: int = 0
     loader_bound: bool = False
     #: Connections served by each worker (pid → n), one dict per run that kept them.
     per_worker: list[dict[str, int]] = field(default_factory=list)
+    #: The pool each run actually ran with (pool designs): the larger of the workers alive at
+    #: its end and the workers that served in it, from the server's statistics.
+    pool: Spread | None = None
 
     @property
     def errors_total(self) -> int:
@@ -130,7 +171,7 @@ class Cell:
         elif not self.measured:
             flags.append("NO REQUESTS")
         if self.starved:
-            flags.append(f"starved {self.starved:,}")
+            flags.append(f"starved {self.starved:,} (see Starved connections)")
         if self.shed:
             flags.append(f"shed {self.shed:,}")
         if self.listen_overflows:
@@ -165,6 +206,7 @@ def aggregate(results: Mapping[str, Any]) -> list[Cell]:
 
     for key, runs in members.items():
         _fill(cells[key], runs)
+    _set_noise(list(cells.values()))
 
     designs = design_order(results)
     workloads = list(results.get("matrix", {}).get("workloads", []))
@@ -175,6 +217,33 @@ def aggregate(results: Mapping[str, Any]) -> list[Cell]:
         return (w, d, cell.concurrency, cell.workload, cell.design)
 
     return sorted(cells.values(), key=order)
+
+
+#: The metrics whose spreads the claims compare, and so carry the run's noise.
+JUDGED = ("throughput", "cpu_s_per_1000")
+
+
+def noise(spreads: Iterable[Spread | None]) -> float:
+    """The pooled standard deviation of the log of the values (the relative noise between
+    repeats), over the spreads with at least two positive values; 0 when there is none."""
+    squares, freedom = 0.0, 0
+    for spread in spreads:
+        if spread is None or spread.n < 2 or min(spread.values, default=0) <= 0:
+            continue
+        logs = [math.log(v) for v in spread.values]
+        squares += statistics.variance(logs) * (len(logs) - 1)
+        freedom += len(logs) - 1
+    return math.sqrt(squares / freedom) if freedom else 0.0
+
+
+def _set_noise(cells: Sequence[Cell]) -> None:
+    """Give every judged spread the run's noise of its metric, pooled over the usable cells."""
+    for metric in JUDGED:
+        sigma = noise(getattr(c, metric) for c in cells if c.usable)
+        for cell in cells:
+            spread = getattr(cell, metric)
+            if spread is not None:
+                setattr(cell, metric, dataclasses.replace(spread, noise=sigma))
 
 
 def _fill(cell: Cell, runs: Sequence[Mapping[str, Any]]) -> None:
@@ -198,6 +267,9 @@ def _fill(cell: Cell, runs: Sequence[Mapping[str, Any]]) -> None:
     cell.pooled["max"] = pooled.max
     cell.pooled["count"] = pooled.count
     cell.cpu_s_per_1000 = Spread.of(server.get("cpu_s_per_1000") for server in servers)
+    cell.cpu_s_per_1000_connections = Spread.of(
+        server.get("cpu_s_per_1000_connections") for server in servers
+    )
     cell.memory_peak_bytes = Spread.of(
         server.get("memory_peak_bytes") or None for server in servers
     )
@@ -209,13 +281,27 @@ def _fill(cell: Cell, runs: Sequence[Mapping[str, Any]]) -> None:
         cell.starved += _as_int(starved.get("connections"))
         cell.starved_waiting += _as_int(starved.get("still_waiting"))
         cell.loader_bound = cell.loader_bound or bool(load.get("loader_bound"))
+    waits = LatencyHistogram.merged(
+        LatencyHistogram.decode(str(load["starved"]["histogram"]))
+        for load in loads
+        if (load.get("starved") or {}).get("histogram")
+    )
+    if waits.count:
+        cell.starved_wait = {label: waits.percentile(p) for label, p in POOLED_PERCENTILES.items()}
+        cell.starved_wait["max"] = waits.max
+        cell.starved_wait["count"] = waits.count
+    pools: list[int | None] = []
     for server in servers:
         cell.listen_overflows += _as_int(server.get("listen_overflows"))
         stats = server.get("stats") or {}
         cell.shed += _as_int(stats.get("shed"))
         per_worker = stats.get("per_worker") or {}
-        if per_worker:
-            cell.per_worker.append({str(k): _as_int(v) for k, v in per_worker.items()})
+        if not per_worker:
+            continue
+        cell.per_worker.append({str(k): _as_int(v) for k, v in per_worker.items()})
+        # Only a pool counts by worker: a design without per-worker counts has no pool.
+        pools.append(max(_as_int(stats.get("workers_alive")), len(per_worker)) or None)
+    cell.pool = Spread.of(pools)
 
 
 def design_order(results: Mapping[str, Any]) -> list[str]:
@@ -270,6 +356,27 @@ def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
     return lines
 
 
+def c_ratio(cell: Cell, cells: Sequence[Cell]) -> str:
+    """The ×C column: ``cell``'s server CPU per request over that of the C peer of its family
+    (``peer-c-<family>``) at the same workload and concurrency; "—" for a peer, or when the C
+    peer did not run there (or has no CPU figure)."""
+    from lab.measure.compare import c_peer
+
+    peer = c_peer(cell.design)
+    if peer is None or cell.cpu_s_per_1000 is None:
+        return "—"
+    theirs = cells_for(cells, peer, cell.workload).get(cell.concurrency)
+    if theirs is None or not theirs.measured or theirs.cpu_s_per_1000 is None:
+        return "—"
+    if theirs.cpu_s_per_1000.median <= 0:
+        return "—"
+    return f"×{cell.cpu_s_per_1000.median / theirs.cpu_s_per_1000.median:,.1f}"
+
+
+def _pool_cell(cell: Cell) -> str:
+    return _cell_text(cell.pool) if cell.pool is not None else "—"
+
+
 def _summary_lines(results: Mapping[str, Any], cells: Sequence[Cell]) -> list[str]:
     workload = primary_workload(cells)
     if workload is None:
@@ -280,14 +387,26 @@ def _summary_lines(results: Mapping[str, Any], cells: Sequence[Cell]) -> list[st
             [
                 cell.design,
                 str(cell.concurrency),
+                _pool_cell(cell),
                 _cell_text(cell.throughput),
                 _cell_text(cell.latency.get("p99")),
                 _cell_text(cell.cpu_s_per_1000, 3),
+                c_ratio(cell, cells),
                 _errors_text(cell),
                 ", ".join(cell.flags()),
             ]
         )
-    header = ["design", "conc.", "req/s median (spread)", "p99 µs", "CPU ms/req", "errors", "flags"]
+    header = [
+        "design",
+        "conc.",
+        "pool",
+        "req/s median (spread)",
+        "p99 µs",
+        "CPU ms/req",
+        "×C",
+        "errors",
+        "flags",
+    ]
     return [f"{workload}, each design at its highest concurrency:", "", *_table(header, rows)]
 
 
@@ -298,15 +417,19 @@ def summary_table(results: Mapping[str, Any]) -> str:
 
 
 def _workload_lines(workload: str, cells: Sequence[Cell], designs: Sequence[str]) -> list[str]:
+    persistent = workload != CONNECT_PER_REQUEST
     header = [
         "design",
         "conc.",
+        "pool",
         "req/s",
         "p50 µs",
         "p99 µs",
         "p99.9 µs",
         "pooled p99 / p99.9 µs",
         "CPU ms/req",
+        *(["CPU ms/conn"] if persistent else []),
+        "×C",
         "memory peak MiB",
         "errors",
         "flags",
@@ -320,22 +443,63 @@ def _workload_lines(workload: str, cells: Sequence[Cell], designs: Sequence[str]
                 if cell.pooled.get("count")
                 else "—"
             )
+            per_conn = [_cell_text(cell.cpu_s_per_1000_connections, 3)] if persistent else []
             rows.append(
                 [
                     cell.design,
                     str(cell.concurrency),
+                    _pool_cell(cell),
                     _cell_text(cell.throughput),
                     _cell_text(cell.latency.get("p50")),
                     _cell_text(cell.latency.get("p99")),
                     _cell_text(cell.latency.get("p99.9")),
                     pooled,
                     _cell_text(cell.cpu_s_per_1000, 3),
+                    *per_conn,
+                    c_ratio(cell, cells),
                     _cell_text(cell.memory_peak_bytes, 1, 1 / 2**20),
                     _errors_text(cell),
                     ", ".join(cell.flags()),
                 ]
             )
     return [f"### {workload}", "", *_table(header, rows), ""]
+
+
+def _ms(us: int) -> str:
+    return f"{us / 1000:,.0f} ms" if us >= 10_000 else f"{us / 1000:,.1f} ms"
+
+
+def starvation_lines(cells: Sequence[Cell]) -> list[str]:
+    """One line per cell where connections were starved: how many, how long they waited, and
+    why — a pool (or a process-per-connection server at its cap) serves so many connections at
+    a time, and under persistent connections the rest wait their turn."""
+    lines = []
+    for cell in cells:
+        if not cell.starved:
+            continue
+        waits = cell.starved_wait
+        wait = (
+            f"waited median {_ms(waits['p50'])}, p99 {_ms(waits['p99'])}, max {_ms(waits['max'])}"
+            if waits.get("count")
+            else "wait not recorded"
+        )
+        still = f", {cell.starved_waiting:,} still waiting when the run ended" * bool(
+            cell.starved_waiting
+        )
+        runs = f"{cell.runs} run" + "s" * (cell.runs != 1)
+        why = "more connections than the server serves at once"
+        if cell.pool is not None and cell.pool.high < cell.concurrency:
+            size = _cell_text(cell.pool)
+            why = (
+                f"its pool of {size} serves {size} connections at a time; the other "
+                f"{cell.concurrency - int(cell.pool.high):,} of {cell.concurrency} wait their turn"
+            )
+        lines.append(
+            f"- **{cell.design}**, {cell.workload}, c={cell.concurrency}: {cell.starved:,} "
+            f"connections starved over {runs} — {wait}{still}: {why}. Its throughput is that "
+            "of the connections served, not of the server under this concurrency."
+        )
+    return lines
 
 
 def _flatten(data: Mapping[str, Any], prefix: str = "") -> list[tuple[str, str]]:
@@ -349,6 +513,14 @@ def _flatten(data: Mapping[str, Any], prefix: str = "") -> list[tuple[str, str]]
         else:
             items.append((name, "—" if value is None else str(value)))
     return items
+
+
+def _variant_lines(designs: Sequence[str]) -> list[str]:
+    """What each variant in the run is (from compare.VARIANTS)."""
+    from lab.measure.compare import VARIANTS
+
+    found = [f"- **{name}**: {VARIANTS[name].label}" for name in designs if name in VARIANTS]
+    return ["Variants:", "", *found, ""] if found else []
 
 
 def render(results: Mapping[str, Any], out_dir: Path) -> Path:
@@ -376,11 +548,19 @@ def render(results: Mapping[str, Any], out_dir: Path) -> Path:
         f"{matrix.get('duration', '?')} s after a {matrix.get('warmup', '?')} s warm-up)",
         f"- created: {results.get('created', '?')}",
         "",
-        "Numbers are medians over repeats with their spread (min–max) in parentheses; "
-        "CPU ms/req is the server's CPU time per request served. **LOADER-BOUND** marks a cell "
-        "whose loaders were the bottleneck: its throughput and latency measure the loader, "
-        "not the server.",
+        "Numbers are medians over repeats with their spread (min–max) in parentheses. A request "
+        "is one echoed message, in both workloads and for designs and peers alike: CPU ms/req "
+        "is the server's CPU over the measured window per message verified in it (CPU ms/conn: "
+        "per connection of "
+        f"{matrix.get('per_connection', '?')} messages, persistent). **pool** is the number of "
+        "workers each run actually had (from the server's statistics); every pool runs with "
+        f"--workers {matrix.get('workers', '?')} and may not grow past it, except where a "
+        "variant says so. **×C** is a design's CPU per request over that of the C peer of its "
+        "family (peer-c-<family>) at the same workload and concurrency (— when it did not run). "
+        "**LOADER-BOUND** marks a cell whose loaders were the bottleneck: its throughput and "
+        "latency measure the loader, not the server.",
         "",
+        *_variant_lines(designs),
         "## Summary",
         "",
         *_summary_lines(results, cells),
@@ -391,7 +571,20 @@ def render(results: Mapping[str, Any], out_dir: Path) -> Path:
     for workload in workloads:
         lines += _workload_lines(workload, cells, designs)
 
-    lines += ["## Claims", ""]
+    starved = starvation_lines(cells)
+    if starved:
+        lines += ["## Starved connections", "", *starved, ""]
+
+    lines += [
+        "## Claims",
+        "",
+        "A verdict calls a difference only when both cells have at least two repeats, their "
+        "spreads do not overlap, and their medians are further apart than the run's own "
+        "repeat-to-repeat noise allows by chance; a single run is never clear. Pools of "
+        "unequal size are never compared. The last claim is the control: a design against an "
+        "identical copy of itself, which must come out inconclusive.",
+        "",
+    ]
     for claim in evaluate(results):
         lines += [
             f"### {claim.number}. {claim.statement} — **{claim.verdict}**",
