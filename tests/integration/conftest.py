@@ -23,7 +23,7 @@ import pytest
 # before testcontainers is imported (containers.py imports it); our own sweep does its job.
 os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")
 
-from containers import PROJECT_PREFIX, RUN_ID, Topologies, sweep
+from containers import PROJECT_PREFIX, RUN_ID, Topologies, remove_project, sweep
 
 from lab.orchestration.engine import LabError
 
@@ -125,8 +125,7 @@ def topologies(lab_image: str) -> Iterator[Topologies]:
         yield factory
 
 
-@pytest.fixture
-def compose_project(docker_engine: docker.DockerClient) -> str:
+def _new_project() -> str:
     """A fresh compose project name of this run (labtest-<run>-<n>), known to the sweep."""
     from lab.orchestration import compose
 
@@ -137,3 +136,38 @@ def compose_project(docker_engine: docker.DockerClient) -> str:
     project = f"{PROJECT_PREFIX}-{next(_project_numbers)}"
     _projects.append(project)
     return project
+
+
+@contextlib.contextmanager
+def _brought_down(engine: docker.DockerClient, project: str) -> Iterator[str]:
+    """Whatever the test did, the project is brought down (at once) and removed."""
+    from lab.orchestration import compose
+
+    try:
+        yield project
+    finally:
+        with contextlib.suppress(LabError):
+            compose.run(
+                ["down", "--remove-orphans", "--volumes", "--timeout", "0"], project=project
+            )
+        remove_project(engine, project)
+
+
+@pytest.fixture
+def compose_project(docker_engine: docker.DockerClient) -> str:
+    """A fresh compose project name of this run (labtest-<run>-<n>), known to the sweep."""
+    return _new_project()
+
+
+@pytest.fixture
+def project(compose_project: str, docker_engine: docker.DockerClient) -> Iterator[str]:
+    """A compose project of this run; whatever the test did, it is brought down and removed."""
+    with _brought_down(docker_engine, compose_project) as name:
+        yield name
+
+
+@pytest.fixture(scope="module")
+def module_project(docker_engine: docker.DockerClient) -> Iterator[str]:
+    """As ``project``, shared by a module's tests (one lab brought up once)."""
+    with _brought_down(docker_engine, _new_project()) as name:
+        yield name

@@ -1,27 +1,18 @@
 """compose.yaml, brought up with the installed compose tool, then driven with the ``lab`` CLI.
 
 The project is this run's own (``labtest-<run>-<n>``), beside any lab the user runs; the CLI runs
-as a subprocess with ``LAB_PROJECT`` naming it (the CLI reads it at import time).
+as a subprocess with ``LAB_PROJECT`` naming it (see labcli.py).
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import shutil
-import socket
-import subprocess
-import sys
-from collections.abc import Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from containers import SERVER_ALIAS, remove_project, request_stats, wait_until
+from containers import SERVER_ALIAS, request_stats, wait_until
+from labcli import HOST_PORT, lab, status
 
 from lab.orchestration import compose, stack
-from lab.orchestration.engine import LabError
 
 if TYPE_CHECKING:
     import docker
@@ -29,59 +20,6 @@ if TYPE_CHECKING:
 CLIENTS = 3
 INTRO_MESSAGES = 3
 TRANSCRIPT_TIMEOUT = 60.0  # seconds for every client's intro messages to show in the logs
-CLI_TIMEOUT = 180.0  # seconds any one `lab` command may take (switch waits for health: ≤ 90 s)
-
-
-def lab_command() -> str:
-    """The venv's ``lab`` script (beside this interpreter), else the one on PATH."""
-    beside = Path(sys.executable).with_name("lab")
-    found = str(beside) if beside.is_file() else shutil.which("lab")
-    assert found, "no `lab` command: install the project (make venv)"
-    return found
-
-
-def free_loopback_port() -> int:
-    """A port nothing listens on now, for the server's published port (not the user's 12345)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-HOST_PORT = free_loopback_port()
-
-
-def lab(project: str, *args: str) -> subprocess.CompletedProcess[str]:
-    """``lab ARGS`` as a user runs it, on ``project`` (and its own host port: `lab switch`
-    recreates the server, which publishes it again)."""
-    return subprocess.run(
-        [lab_command(), *args],
-        env={**os.environ, "LAB_PROJECT": project, "LAB_HOST_PORT": str(HOST_PORT)},
-        capture_output=True,
-        text=True,
-        timeout=CLI_TIMEOUT,
-        check=False,
-    )
-
-
-def status(project: str) -> dict[str, Any]:
-    result = lab(project, "status", "--json")
-    assert result.returncode == 0, f"lab status failed:\n{result.stdout}{result.stderr}"
-    report: dict[str, Any] = json.loads(result.stdout)
-    return report
-
-
-@pytest.fixture
-def project(compose_project: str, docker_engine: docker.DockerClient) -> Iterator[str]:
-    """The compose project; whatever the test did, it is brought down (at once) and removed."""
-    try:
-        yield compose_project
-    finally:
-        with contextlib.suppress(LabError):
-            compose.run(
-                ["down", "--remove-orphans", "--volumes", "--timeout", "0"], project=compose_project
-            )
-        remove_project(docker_engine, compose_project)
 
 
 def expected_transcript() -> tuple[list[str], list[str]]:
