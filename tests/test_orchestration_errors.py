@@ -95,3 +95,52 @@ def test_lab_not_up_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
 
     with pytest.raises(engine.LabError, match="lab up"):
         stack.status(project="labtest-never-started")
+
+
+class _Nothing:
+    """A docker client whose engine lists no containers and no networks."""
+
+    class containers:  # named as the SDK names it
+        @staticmethod
+        def list(**_: object) -> list[object]:
+            return []
+
+    networks = containers
+
+
+def test_a_server_gone_while_starting_does_not_say_run_lab_up() -> None:
+    """`lab up` waits for the server with this: it must never tell the user to run `lab up`."""
+    from lab.orchestration import stack
+
+    with pytest.raises(engine.LabError) as caught:
+        stack.wait_healthy(_Nothing(), project="labtest-never-started")  # type: ignore[arg-type]
+    assert "lab up" not in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_lab_down_that_cannot_remove_everything_says_what_is_left(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from types import SimpleNamespace
+
+    from lab.orchestration import stack
+
+    class Stuck:
+        """An engine whose network stays: still in use by something outside the lab."""
+
+        class containers:
+            @staticmethod
+            def list(**_: object) -> list[object]:
+                return []
+
+        class networks:
+            @staticmethod
+            def list(**_: object) -> list[object]:
+                return [SimpleNamespace(name="lab_labnet", remove=lambda: None)]
+
+    def compose_fails(*_args: object, **_kwargs: object) -> None:
+        raise engine.LabError("compose failed: error while removing network: has active endpoints")
+
+    monkeypatch.setattr(stack, "client", Stuck)
+    monkeypatch.setattr(compose, "run", compose_fails)
+    result = runner.invoke(app, ["down"])
+    one_line_error(result, "lab down: error: could not remove network lab_labnet", "docker")

@@ -60,7 +60,8 @@ def up(
         bool, typer.Option(help="wait for the clients' first exchanges, print the transcript")
     ] = False,
 ) -> None:
-    """Build the images if missing, start the server and the clients, wait until healthy."""
+    """Build the images if missing, start the server and the clients, wait until healthy (what
+    is left of an earlier lab — an exited server, a bench's peer — is removed first)."""
     from dataclasses import asdict
 
     from lab.orchestration import stack
@@ -79,7 +80,7 @@ def up(
 
 
 def down() -> None:
-    """Remove every container and the network the lab started (nothing else)."""
+    """Remove every container and the network of the lab, a bench's peer too (no images)."""
     from lab.orchestration import stack
 
     with user_errors("lab down"):

@@ -1,14 +1,21 @@
 """The containerised backend of ``lab bench``: the server in the lab's server container, the
 load from every client container at once (one shared start time), the server's cost read from
-its container's cgroup and network namespace."""
+its container's cgroup and network namespace.
+
+A bench leaves the lab as it found it: :meth:`DockerBackend.close` (at the end of a sweep, or
+when the process exits) puts back the server that ran before, or removes a lab it started.
+"""
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
 from lab.measure import probe
@@ -96,6 +103,18 @@ def load_argv(config: LoadConfig, start_at: float, share: int, parts: int) -> li
     return argv
 
 
+@dataclass(frozen=True)
+class _Found:
+    """The lab as a bench found it: its server (container id, design, the settings to make it
+    again) and its containers' CPU sets (--pin changes them) — or no server at all (the bench
+    starts the lab)."""
+
+    server_id: str | None
+    design: str
+    settings: dict[str, str]
+    cpusets: dict[str, str]  # container id → its CpusetCpus ("" for every CPU)
+
+
 class DockerBackend:
     name = "docker"
 
@@ -109,12 +128,14 @@ class DockerBackend:
         self.peer_name = ""
         self.peer_options: tuple[str, ...] = ()  # the options the running peer was given
         self._current: tuple[str, dict[str, str]] | None = None  # design and env now running
+        self._found: _Found | None = None  # the lab before the first start; None once restored
 
     # -- the server ---------------------------------------------------------------------------
     def start(self, server: ServerSpec) -> tuple[str, int]:
         """Reuse what already runs when it is what is asked for (a sweep runs one design many
         times); otherwise switch the server (or put a peer in its place)."""
         env = {"LAB_TRACE": "0", **options_env(server.options)}  # tracing would be measured
+        self._remember()
         if server.peer:
             wanted = (server.peer, server.options)  # another peer, or other options: restart
             if self.peer is None or (self.peer_name, self.peer_options) != wanted:
@@ -153,6 +174,9 @@ class DockerBackend:
         image = str(server.attrs["Config"]["Image"])
         network = next(iter(server.attrs["NetworkSettings"]["Networks"]))
         server.stop(timeout=20)
+        # Created on labnet with its alias, so it is on labnet only (as the compose server), not
+        # first on Docker's default bridge and then connected.
+        endpoint = self.engine.api.create_endpoint_config(aliases=[SERVER_HOST])
         container = self.engine.containers.create(
             image,
             # the spec's options (e.g. --workers for the C pools) as for a local peer
@@ -172,8 +196,9 @@ class DockerBackend:
             security_opt=["no-new-privileges:true"],
             pids_limit=1200,
             sysctls={"net.ipv4.tcp_syncookies": "0"},
+            network=network,
+            networking_config={network: endpoint},
         )
-        self.engine.networks.get(network).connect(container, aliases=[SERVER_HOST])
         container.start()
         self.peer, self.peer_name, self.peer_options = container, peer, options
         self._apply_pinning()
@@ -221,9 +246,70 @@ class DockerBackend:
     def stop(self) -> None:
         """Nothing: the next run may reuse what runs (`close` ends a sweep)."""
 
+    # -- leaving the lab as it was found --------------------------------------------------------
+    def _remember(self) -> None:
+        """Before the first change: note the lab as it is, to put it back in :meth:`close` —
+        which also runs when the process exits, for a caller that never calls it (``lab
+        bench``) or a sweep cut short."""
+        if self._found is not None:
+            return
+        found = stack.containers(self.engine, self.project)
+        server = next((c for c in found if c.labels.get(SERVICE_LABEL) == "server"), None)
+        self._found = _Found(
+            server_id=server.id if server is not None else None,
+            design=stack.member(server).design if server is not None else "",
+            settings=stack.server_settings(server) if server is not None else {},
+            cpusets={
+                str(c.id): str(c.attrs.get("HostConfig", {}).get("CpusetCpus") or "") for c in found
+            },
+        )
+        # A peer a killed bench left behind would answer for bakawali beside our server.
+        stack.remove_foreign(self.engine, self.project)
+        atexit.register(self.close)
+
     def close(self) -> None:
-        """After a sweep: a peer's container goes; the lab stays up (`lab down` removes it)."""
+        """After a run or a sweep: the lab as it was found. The peer goes; the server that ran
+        before is back (its design and settings, healthy) and the clients are unpinned; a lab
+        the bench started is removed. If that fails, one line on stderr says what was left."""
+        atexit.unregister(self.close)
         self._remove_peer()
+        self._current = None
+        found, self._found = self._found, None
+        if found is None:
+            return
+        try:
+            self._restore(found)
+        except (LabError, OSError) as exc:
+            try:
+                left = stack.summary(stack.containers(self.engine, self.project))
+            except Exception:  # the engine itself is gone: the error says enough
+                left = "unknown"
+            what = f"`lab switch {found.design}`" if found.design else "`lab down`"
+            print(
+                f"lab: could not put the lab back as it was ({exc}); it is left with: {left} — "
+                f"{what} puts it right",
+                file=sys.stderr,
+            )
+
+    def _restore(self, found: _Found) -> None:
+        from docker.errors import APIError, NotFound
+
+        now = stack.containers(self.engine, self.project)
+        if not now:
+            return  # taken down meanwhile (`lab down`): that is the newer wish
+        if found.server_id is None:
+            stack.down(self.project, timeout=5)  # the bench started the lab: it goes
+            return
+        server = next((c for c in now if c.labels.get(SERVICE_LABEL) == "server"), None)
+        if server is None or server.id != found.server_id or server.status != "running":
+            stack.switch(found.design, self.project, extra_env=found.settings)
+        every_cpu = f"0-{max(1, int(self.engine.info().get('NCPU') or 1)) - 1}"
+        for container in stack.containers(self.engine, self.project):
+            was = found.cpusets.get(str(container.id))
+            if was is not None and container.attrs["HostConfig"].get("CpusetCpus", "") != was:
+                # An empty CpusetCpus means "no change" to `docker update`: say every CPU.
+                with contextlib.suppress(NotFound, APIError):
+                    container.update(cpuset_cpus=was or every_cpu)
 
     # -- the loaders ----------------------------------------------------------------------------
     def load(self, config: LoadConfig) -> LoadResult:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -12,7 +13,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from lab.orchestration import compose
-from lab.orchestration.engine import PROJECT, LabError, client
+from lab.orchestration.engine import MANAGED_LABEL, PROJECT, LabError, client
 from lab.orchestration.images import ensure_images
 
 if TYPE_CHECKING:
@@ -21,6 +22,10 @@ if TYPE_CHECKING:
 
 HEALTHY_TIMEOUT = 90.0  # seconds for the server to answer its health probes after a start
 STATS_TIMEOUT = 5.0  # seconds to wait for the statistics line after SIGUSR1
+# The services compose.yaml defines. Any other container of the project is one the lab made
+# itself beside compose (a bench's peer): compose neither knows nor removes it.
+COMPOSE_SERVICES = ("server", "client")
+ECHO_PORT = "12345/tcp"  # the server's port inside its container, published on host loopback
 
 
 @dataclass(frozen=True)
@@ -79,11 +84,79 @@ def members(project: str = PROJECT) -> list[Member]:
     return [member(c) for c in containers(client(), project)]
 
 
+def find_server(engine: docker.DockerClient, project: str = PROJECT) -> Container | None:
+    return next((c for c in containers(engine, project) if _service(c) == "server"), None)
+
+
 def server_container(engine: docker.DockerClient, project: str = PROJECT) -> Container:
+    server = find_server(engine, project)
+    if server is None:
+        raise LabError("the lab is not up: start it with `lab up`")
+    return server
+
+
+def foreign(container: Container) -> bool:
+    """A container of the project that compose.yaml does not define (a bench's peer)."""
+    return _service(container) not in COMPOSE_SERVICES
+
+
+def remove_foreign(engine: docker.DockerClient, project: str = PROJECT) -> list[str]:
+    """Remove the project's containers that compose does not know: a peer left by a bench that
+    was killed holds the name ``bakawali`` on labnet beside the server, and its endpoint keeps
+    compose from removing the network. Returns their names."""
+    from docker.errors import NotFound
+
+    removed = []
     for container in containers(engine, project):
-        if _service(container) == "server":
-            return container
-    raise LabError("the lab is not up: start it with `lab up`")
+        if foreign(container):
+            with contextlib.suppress(NotFound):  # already gone is fine
+                container.remove(force=True)
+            removed.append(container.name or container.short_id)
+    return removed
+
+
+def whole(found: Sequence[Container]) -> bool:
+    """The lab is up as `lab up` leaves it: the server running (healthy, or still starting), at
+    least one client, every client running, nothing else."""
+    server = [c for c in found if _service(c) == "server"]
+    rest = [c for c in found if _service(c) != "server"]
+    return (
+        len(server) == 1
+        and server[0].status == "running"
+        and member(server[0]).health in ("healthy", "starting")
+        and bool(rest)
+        and all(_service(c) == "client" and c.status == "running" for c in rest)
+    )
+
+
+def summary(found: Sequence[Container]) -> str:
+    """``server exited, 3 client(s) running, peer running`` — the state in a few words."""
+    counts: dict[tuple[str, str], int] = {}
+    for container in found:
+        key = (_service(container), container.status)
+        counts[key] = counts.get(key, 0) + 1
+    parts = [
+        f"{service} {state}" if service == "server" else f"{n} {service}(s) {state}"
+        for (service, state), n in counts.items()
+    ]
+    return ", ".join(parts) or "nothing"
+
+
+def server_settings(server: Container) -> dict[str, str]:
+    """What compose was given to make this server — its LAB_* variables, its image and the host
+    port it publishes — so that it can be made again exactly as it was (see ``switch``)."""
+    settings = {k: v for k, v in _env(server).items() if k.startswith("LAB_")}
+    settings["LAB_IMAGE"] = str(server.attrs.get("Config", {}).get("Image", ""))
+    settings.update(_published_port(server))
+    return settings
+
+
+def _published_port(server: Container) -> dict[str, str]:
+    """``{"LAB_HOST_PORT": "12345"}`` from the server's configured port binding (kept in its
+    HostConfig, so known while it is stopped too), or {} when it publishes none."""
+    bindings = (server.attrs.get("HostConfig", {}).get("PortBindings") or {}).get(ECHO_PORT)
+    port = bindings[0].get("HostPort") if bindings else None
+    return {"LAB_HOST_PORT": str(port)} if port else {}
 
 
 def up(
@@ -94,13 +167,19 @@ def up(
     extra_env: dict[str, str] | None = None,
 ) -> list[Member]:
     engine = client()
-    running = [c for c in containers(engine, project) if c.status == "running"]
-    if running:
-        current = member(server_container(engine, project)).design or "?"
+    found = containers(engine, project)
+    if whole(found):
+        current = member(found[0]).design or "?"
         raise LabError(
-            f"the lab is already up (design {current}, {len(running)} containers): "
+            f"the lab is already up (design {current}, {len(found)} containers): "
             "`lab switch DESIGN` changes the design, `lab down` stops it"
         )
+    if found:
+        # Half a lab (a server that exited, a peer a killed bench left, clients without a
+        # server): compose would reuse some of it and trip over the rest. Start afresh.
+        if progress:
+            progress(f"removing what is left of an earlier lab ({summary(found)})")
+        down(project, timeout=5)
     images = ensure_images(progress)
     env = {"LAB_IMAGE": images.lab, "LAB_DESIGN": design, **(extra_env or {})}
     if progress:
@@ -111,7 +190,7 @@ def up(
     except LabError:
         # Leave nothing half-started behind (a created server, the network).
         with contextlib.suppress(LabError):
-            compose.run(["down", "--remove-orphans", "--timeout", "5"], project=project)
+            down(project, timeout=5)
         raise
     return [member(c) for c in containers(engine, project)]
 
@@ -121,7 +200,9 @@ def wait_healthy(
 ) -> None:
     deadline = time.monotonic() + timeout
     while True:
-        server = server_container(engine, project)
+        server = find_server(engine, project)
+        if server is None:  # not "start it with `lab up`": this may be `lab up` itself
+            raise LabError("the server's container went away while starting: see `lab status`")
         server.reload()
         health = member(server).health
         if health == "healthy":
@@ -158,12 +239,45 @@ def wait_for_introductions(
     raise LabError(f"clients still busy after {timeout:g} s: {', '.join(pending)} — see `lab logs`")
 
 
-def down(project: str = PROJECT) -> int:
-    """Remove everything the lab started (containers, network); returns how many containers."""
+def down(project: str = PROJECT, timeout: int = 20) -> int:
+    """Remove every container and network of the project — compose's and the peers a bench
+    started beside them — but no image and no volume; returns how many containers went.
+
+    ``timeout``: seconds the server may drain its connections (SIGTERM) before SIGKILL."""
     engine = client()
     count = len(containers(engine, project))
-    compose.run(["down", "--remove-orphans", "--timeout", "20"], project=project)
+    remove_foreign(engine, project)  # first: a peer's endpoint would keep labnet in use
+    failure: LabError | None = None
+    try:
+        compose.run(["down", "--remove-orphans", "--timeout", str(timeout)], project=project)
+    except LabError as exc:
+        failure = exc  # maybe only the network; sweep by label below, then judge
+    left = _remove_labelled(engine, project)
+    if left:
+        why = f" ({failure})" if failure else ""
+        raise LabError(
+            f"could not remove {', '.join(left)}{why}: remove them with `docker rm -f` / "
+            "`docker network rm`, then `lab down` again"
+        )
     return count
+
+
+def _remove_labelled(engine: docker.DockerClient, project: str) -> list[str]:
+    """Force-remove the project's containers, then its networks, that are still there (by the
+    project label and the lab's own); returns what could not be removed."""
+    from docker.errors import APIError, NotFound
+
+    labels: dict[str, str | list[str] | bool] = {
+        "label": [f"{compose.PROJECT_LABEL}={project}", f"{MANAGED_LABEL}=true"]
+    }
+    for container in engine.containers.list(all=True, filters=labels):
+        with contextlib.suppress(NotFound, APIError):  # judged by the listing below
+            container.remove(force=True)
+    for network in engine.networks.list(filters=labels):
+        with contextlib.suppress(NotFound, APIError):
+            network.remove()
+    left = [f"container {c.name}" for c in engine.containers.list(all=True, filters=labels)]
+    return left + [f"network {n.name}" for n in engine.networks.list(filters=labels)]
 
 
 def server_stats(engine: docker.DockerClient, project: str = PROJECT) -> dict[str, Any] | None:
@@ -205,10 +319,13 @@ def status(project: str = PROJECT) -> dict[str, Any]:
 
 
 def switch(design: str, project: str = PROJECT, extra_env: dict[str, str] | None = None) -> Member:
-    """Recreate only the server with another design; clients keep running."""
+    """Recreate only the server with another design; clients keep running. It publishes the
+    same host port as before unless LAB_HOST_PORT says otherwise."""
     engine = client()
-    current = member(server_container(engine, project))
-    env = {"LAB_IMAGE": current.image, "LAB_DESIGN": design, **(extra_env or {})}
+    server = server_container(engine, project)
+    remove_foreign(engine, project)  # a peer left on labnet would answer for bakawali too
+    kept = {} if "LAB_HOST_PORT" in os.environ else _published_port(server)
+    env = {"LAB_IMAGE": member(server).image, **kept, "LAB_DESIGN": design, **(extra_env or {})}
     compose.run(["up", "-d", "--no-deps", "--force-recreate", "server"], env=env, project=project)
     wait_healthy(engine, project)
     return member(server_container(engine, project))

@@ -58,6 +58,8 @@ def test_containerised_bench_merges_every_client_and_reads_the_cgroup(bench_proj
         for c in stack.containers(backend.engine, bench_project)
     }
     assert pinned == {"server": "0", "client": "1"}
+    backend.close()  # the bench started the lab: it goes
+    assert stack.containers(backend.engine, bench_project) == []
 
 
 @pytest.mark.timeout(600)
@@ -77,3 +79,4 @@ def test_containerised_bench_runs_a_peer_in_the_servers_place_and_restores_it(
     again = bench(backend, ServerSpec("fork"), config).to_dict()  # the same: reused, not
     assert again["server"]["stats"]["accepted"] > 0  # restarted (its counters go on)
     backend.close()
+    assert stack.containers(backend.engine, bench_project) == []  # the bench started the lab
