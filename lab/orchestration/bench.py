@@ -103,6 +103,10 @@ def load_argv(config: LoadConfig, start_at: float, share: int, parts: int) -> li
     return argv
 
 
+class _LateStart(LabError):
+    """A loader began after the shared start time (a busy machine): it did not run."""
+
+
 @dataclass(frozen=True)
 class _Found:
     """The lab as a bench found it: its server (container id, design, the settings to make it
@@ -323,12 +327,18 @@ class DockerBackend:
         # The loaders start at one shared time, chosen ahead by a lead that covers starting
         # `lab load` in every container. On a busy machine that can take longer: a loader that
         # began later than the warm-up allows missed part of the window, so run again with a
-        # longer lead (bounded).
+        # longer lead (bounded). One that began so late that the start time had passed refuses
+        # to run at all: the same, try a longer lead.
         for lead in START_LEADS:
             start_at = time.time() + lead
             argvs = [load_argv(config, start_at, i, len(loaders)) for i in range(len(loaders))]
-            with ThreadPoolExecutor(len(loaders)) as pool:
-                outputs = list(pool.map(self._run_loader, loaders, argvs))
+            try:
+                with ThreadPoolExecutor(len(loaders)) as pool:
+                    outputs = list(pool.map(self._run_loader, loaders, argvs))
+            except _LateStart:
+                if lead == START_LEADS[-1]:
+                    raise
+                continue
             result = merge(LoadResult.from_dict(output) for output in outputs)
             if result.loader_start_lag_s <= config.warmup:
                 break
@@ -342,7 +352,8 @@ class DockerBackend:
         out, err = streams[0] or b"", streams[1] or b""
         if result.exit_code != 0:
             last = (err or out).decode("utf-8", "replace").strip().splitlines()
-            raise LabError(
+            late = bool(last) and "--start-at" in last[-1] and "in the past" in last[-1]
+            raise (_LateStart if late else LabError)(
                 f"the loader in {container.name} failed: {last[-1] if last else result.exit_code}"
             )
         data: dict[str, Any] = json.loads(out)
