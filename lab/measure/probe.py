@@ -11,11 +11,14 @@ Two sources of CPU and memory, one answer each:
 * a container: its cgroup. v2 has ``cpu.stat`` (``usage_usec``) and ``memory.current`` (and on
   newer kernels ``memory.peak``); v1 has ``cpuacct.usage`` (ns) and ``memory.usage_in_bytes``
   with ``memory.max_usage_in_bytes`` as its peak. Where no peak counter exists, sample.
+  Read from the host (:func:`host_cgroup`) — from inside, by ``docker exec``, only when the host's
+  copy is out of reach (:func:`read_cgroup`), since each exec is a process the container pays for.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import threading
 from collections import Counter
 from collections.abc import Callable
@@ -100,6 +103,105 @@ def read_cgroup(read: ReadFile, root: str = "/sys/fs/cgroup") -> CgroupReading:
 def _keyed(text: str) -> dict[str, int]:
     pairs = (line.split() for line in text.splitlines())
     return {p[0]: int(p[1]) for p in pairs if len(p) == 2 and p[1].isdigit()}
+
+
+# -- a container's cgroup, read from the host ---------------------------------------------------
+# Reading the files inside the container means a process in it (`docker exec … cat`), and that
+# process's CPU is the container's: sampling memory ten times a second that way costs the server
+# more than it spends idle. The same files are in the host's cgroup file systems, and reading them
+# there charges nothing to the container.
+@dataclass(frozen=True)
+class HostCgroup:
+    """Where one process's cgroup lives in this host's cgroup file systems: the directories of
+    the v1 ``cpuacct`` and ``memory`` controllers, and the v2 (unified) one — whichever exist (a
+    "hybrid" host has both: the controllers in v1, an unified tree beside them)."""
+
+    cpuacct: Path | None = None
+    memory: Path | None = None
+    unified: Path | None = None
+
+    def read(self) -> CgroupReading:
+        """CPU from the controller that counts it, in nanoseconds (v1 ``cpuacct.usage``) or
+        microseconds (v2 ``cpu.stat`` usage_usec) — never the 10 ms ticks of ``cpuacct.stat``;
+        memory from v1's memory controller if it is there, else v2's. OSError when unreadable."""
+        if self.cpuacct is not None and (self.cpuacct / "cpuacct.usage").exists():
+            cpu = int((self.cpuacct / "cpuacct.usage").read_text()) / 1e9
+        elif self.unified is not None:
+            cpu = _keyed((self.unified / "cpu.stat").read_text()).get("usage_usec", 0) / 1e6
+        else:
+            raise FileNotFoundError("no cgroup v1 cpuacct or v2 cpu.stat for this process")
+        if self.memory is not None:
+            current, peak = self.memory / "memory.usage_in_bytes", "memory.max_usage_in_bytes"
+        elif self.unified is not None and (self.unified / "memory.current").exists():
+            current, peak = self.unified / "memory.current", "memory.peak"
+        else:
+            return CgroupReading(cpu, 0, None)  # no memory accounting for it (v2, controller off)
+        highest = local_file(str(current.parent / peak))
+        return CgroupReading(
+            cpu, int(current.read_text()), int(highest) if highest and highest.strip() else None
+        )
+
+
+def host_cgroup(pid: int, proc: Path = Path("/proc")) -> HostCgroup:
+    """The cgroup of process ``pid`` (as ``/proc/PID/cgroup`` names it), found in the cgroup
+    file systems this process sees mounted (``/proc/self/mountinfo``). OSError if unreadable."""
+    membership = (proc / str(pid) / "cgroup").read_text()
+    return locate_cgroup(membership, (proc / "self" / "mountinfo").read_text())
+
+
+def locate_cgroup(membership: str, mountinfo: str) -> HostCgroup:
+    """``/proc/PID/cgroup`` (``ID:CONTROLLERS:PATH`` lines; v2's is ``0::PATH``) and a mountinfo
+    → the directories of that cgroup. A hierarchy's path is relative to the root of the mount
+    that shows it (``/`` on a host; deeper for a bind mount of a subtree)."""
+    mounts = _cgroup_mounts(mountinfo)
+    found: dict[str, Path] = {}
+    for line in membership.splitlines():
+        number, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        if not number.isdigit() or not path.startswith("/"):
+            continue
+        if number == "0" and not controllers:
+            wanted: list[tuple[str, str]] = [("unified", "cgroup2")]
+        else:
+            names = set(controllers.split(","))
+            wanted = [(name, "cgroup") for name in ("cpuacct", "memory") if name in names]
+        for key, fstype in wanted:
+            for kind, options, root, point in mounts:
+                if kind != fstype or (fstype == "cgroup" and key not in options):
+                    continue
+                inside = _below(path, root)
+                if inside is not None and (point / inside).is_dir():
+                    found.setdefault(key, point / inside)
+                    break
+    return HostCgroup(found.get("cpuacct"), found.get("memory"), found.get("unified"))
+
+
+def _cgroup_mounts(mountinfo: str) -> list[tuple[str, set[str], str, Path]]:
+    """(fstype, super options, root, mount point) of every cgroup/cgroup2 mount."""
+    mounts = []
+    for line in mountinfo.splitlines():
+        fields = line.split()
+        if " - " not in line or len(fields) < 5:
+            continue
+        after = line.split(" - ", 1)[1].split()  # fstype, source, super options
+        if len(after) >= 3 and after[0] in ("cgroup", "cgroup2"):
+            options = set(after[2].split(","))
+            mounts.append((after[0], options, _unescape(fields[3]), Path(_unescape(fields[4]))))
+    return mounts
+
+
+def _unescape(field: str) -> str:
+    r"""mountinfo writes a space, tab, newline and backslash as \040, \011, \012, \134."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def _below(path: str, root: str) -> str | None:
+    """``path`` relative to ``root`` ("" for root itself), or None if it is not under it."""
+    if root == "/":
+        return path.lstrip("/")
+    if path == root:
+        return ""
+    return path[len(root) + 1 :] if path.startswith(root.rstrip("/") + "/") else None
 
 
 # -- the kernel's listen-queue overflows ----------------------------------------------------------

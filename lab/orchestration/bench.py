@@ -1,6 +1,6 @@
 """The containerised backend of ``lab bench``: the server in the lab's server container, the
 load from every client container at once (one shared start time), the server's cost read from
-its container's cgroup and network namespace.
+its container's cgroup and network namespace — from the host (:mod:`lab.orchestration.readings`).
 
 A bench leaves the lab as it found it: :meth:`DockerBackend.close` (at the end of a sweep, or
 when the process exits) puts back the server that ran before, or removes a lab it started.
@@ -25,6 +25,7 @@ from lab.measure.result import LoadResult, merge
 from lab.orchestration import stack
 from lab.orchestration.compose import PROJECT_LABEL, SERVICE_LABEL
 from lab.orchestration.engine import LABELS, PROJECT, LabError, client
+from lab.orchestration.readings import ContainerReader
 
 if TYPE_CHECKING:
     from docker.models.containers import Container
@@ -133,6 +134,8 @@ class DockerBackend:
         self.peer_options: tuple[str, ...] = ()  # the options the running peer was given
         self._current: tuple[str, dict[str, str]] | None = None  # design and env now running
         self._found: _Found | None = None  # the lab before the first start; None once restored
+        self._reader: ContainerReader | None = None  # of the server now running
+        self._notes: set[str] = set()
 
     # -- the server ---------------------------------------------------------------------------
     def start(self, server: ServerSpec) -> tuple[str, int]:
@@ -140,6 +143,7 @@ class DockerBackend:
         times); otherwise switch the server (or put a peer in its place)."""
         env = {"LAB_TRACE": "0", **options_env(server.options)}  # tracing would be measured
         self._remember()
+        self._reader = None  # the server may change: read whichever runs after this
         if server.peer:
             wanted = (server.peer, server.options)  # another peer, or other options: restart
             if self.peer is None or (self.peer_name, self.peer_options) != wanted:
@@ -226,12 +230,16 @@ class DockerBackend:
             return self.peer
         return stack.server_container(self.engine, self.project)
 
-    def _read(self, path: str) -> str | None:
-        result = self._server().exec_run(["cat", path], demux=False)
-        output = result.output
-        if result.exit_code != 0 or not isinstance(output, bytes):
-            return None
-        return output.decode()
+    def reader(self) -> ContainerReader:
+        """How the running server is read: from the host, or by exec (noted once a sweep)."""
+        if self._reader is None:
+            self._reader = ContainerReader(self._server(), note=self._note_once)
+        return self._reader
+
+    def _note_once(self, line: str) -> None:
+        if line not in self._notes:
+            self._notes.add(line)
+            print(line, file=sys.stderr)
 
     def stats(self) -> dict[str, Any] | None:
         if self.peer is not None:
@@ -239,13 +247,13 @@ class DockerBackend:
         return stack.server_stats(self.engine, self.project)
 
     def cpu_seconds(self) -> float:
-        return probe.read_cgroup(self._read).cpu_seconds
+        return self.reader().cgroup().cpu_seconds
 
     def memory_bytes(self) -> int:
-        return probe.read_cgroup(self._read).memory_bytes
+        return self.reader().cgroup().memory_bytes
 
     def listen_overflows(self) -> int:
-        return probe.listen_overflows(self._read("/proc/net/netstat") or "")
+        return probe.listen_overflows(self.reader().netstat())
 
     def stop(self) -> None:
         """Nothing: the next run may reuse what runs (`close` ends a sweep)."""
@@ -277,7 +285,7 @@ class DockerBackend:
         the bench started is removed. If that fails, one line on stderr says what was left."""
         atexit.unregister(self.close)
         self._remove_peer()
-        self._current = None
+        self._reader, self._current = None, None
         found, self._found = self._found, None
         if found is None:
             return

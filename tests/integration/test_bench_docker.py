@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import time
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import pytest
 from containers import remove_project
@@ -15,6 +17,9 @@ from lab.measure.config import make_config
 from lab.orchestration import compose, stack
 from lab.orchestration.bench import DockerBackend
 from lab.orchestration.engine import LabError
+
+if TYPE_CHECKING:
+    import docker
 
 
 @pytest.fixture
@@ -32,11 +37,24 @@ def bench_project(
         remove_project(docker_engine, compose_project)  # type: ignore[arg-type]
 
 
+def cat_execs(engine: docker.DockerClient, project: str, since: float) -> list[str]:
+    """The `cat …` processes run in the project's containers since then: how the old backend
+    read the server's cgroup (each one's CPU charged to the server)."""
+    events = engine.events(
+        since=int(since),
+        until=int(time.time()) + 1,
+        filters={"event": "exec_create", "label": f"{compose.PROJECT_LABEL}={project}"},
+        decode=True,
+    )
+    return [e["Action"] for e in events if "exec_create: cat " in e.get("Action", "")]
+
+
 @pytest.mark.timeout(600)
 def test_containerised_bench_merges_every_client_and_reads_the_cgroup(bench_project: str) -> None:
     backend = DockerBackend(project=bench_project, clients=2, pin=True)
     config = make_config("bakawali", concurrency=4, duration=1.0, warmup=0.3, processes=1)
     spec = ServerSpec("multi-accept", ("--workers", "2"))
+    began = time.time()
     result = bench(backend, spec, config).to_dict()
 
     load, server = result["load"], result["server"]
@@ -58,6 +76,9 @@ def test_containerised_bench_merges_every_client_and_reads_the_cgroup(bench_proj
         for c in stack.containers(backend.engine, bench_project)
     }
     assert pinned == {"server": "0", "client": "1"}
+    # the server's cgroup and netstat are read from the host: no process of ours in it
+    assert backend.reader().source == "host", backend.reader().why
+    assert cat_execs(backend.engine, bench_project, began) == []
     backend.close()  # the bench started the lab: it goes
     assert stack.containers(backend.engine, bench_project) == []
 
