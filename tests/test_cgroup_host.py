@@ -121,3 +121,36 @@ def test_host_cgroup_of_this_process_reads_its_own_cpu() -> None:
     except OSError as exc:
         pytest.skip(f"no readable cgroup CPU accounting for this process here: {exc}")
     assert reading.cpu_seconds > 0
+
+
+class _FakeContainer:
+    """Enough of a docker SDK container: its first process is this test's own (so its cgroup
+    path does not name the container), and `exec_run` answers like `cat`."""
+
+    id = "4f1c0ffee" * 7
+    name = "labtest_server_1"
+
+    def __init__(self) -> None:
+        self.attrs = {"State": {"Pid": os.getpid()}}
+
+    def reload(self) -> None:
+        pass
+
+    def exec_run(self, argv: list[str], demux: bool = False) -> object:
+        from types import SimpleNamespace
+
+        files = {"/sys/fs/cgroup/cpu.stat": b"usage_usec 2000000\n", "/proc/net/netstat": b"x"}
+        found = files.get(argv[-1])
+        return SimpleNamespace(exit_code=0 if found else 1, output=found or b"")
+
+
+def test_a_container_out_of_sight_is_read_by_exec_and_says_so() -> None:
+    """A pid that is not the container's (another machine or PID namespace): exec, one note."""
+    from lab.orchestration.readings import ContainerReader
+
+    notes: list[str] = []
+    reader = ContainerReader(_FakeContainer(), note=notes.append)  # type: ignore[arg-type]
+    assert reader.source == "exec" and reader.cgroup_dirs is None
+    assert len(notes) == 1 and "docker exec" in notes[0] and "labtest_server_1" in notes[0]
+    assert reader.cgroup().cpu_seconds == 2.0
+    assert reader.netstat() == "x"
