@@ -117,6 +117,28 @@ def test_control_a_design_against_its_identical_copy_is_inconclusive() -> None:
     assert pool is not None and pool.high == matrix.workers
 
 
+def test_progress_on_a_terminal_is_one_bar_with_cells_done_left_and_time_left() -> None:
+    import io
+
+    from rich.console import Console
+
+    from lab.cli.compare import progress_display
+
+    out = io.StringIO()
+    terminal = Console(file=out, force_terminal=True, width=120)
+    with progress_display(terminal) as show:
+        show(sweep.Step(0, 3, "fork connect-per-request ×8 (repeat 1)"))
+        show(sweep.Step(1, 3, "fork persistent ×8 (repeat 1)"))
+    text = out.getvalue()
+    assert "3/3" in text and "0 left" in text and "done" in text  # the bar's last state
+    assert "[1/3]" not in text  # no plain lines on a terminal
+
+    piped = io.StringIO()
+    with progress_display(Console(file=piped, width=120)) as show:
+        show(sweep.Step(0, 3, "fork connect-per-request ×8 (repeat 1)"))
+    assert piped.getvalue() == "[1/3] fork connect-per-request ×8 (repeat 1)\n"
+
+
 def test_a_failed_run_is_kept_with_its_error_and_the_sweep_goes_on(tmp_path: Path) -> None:
     class Broken(LocalBackend):
         def start(self, server: object) -> tuple[str, int]:  # type: ignore[override]
@@ -184,6 +206,16 @@ def test_compare_command_writes_results_and_report_and_report_rerenders(tmp_path
     assert "multi-accept did not run" in claims[3].evidence
     assert "lab compare --designs iterative,fork" in saved["command"]
     assert "the report:" in result.output
+    # Not a terminal: one plain line per cell, as it starts, in order.
+    cells = [
+        f"[{i}/4] {d} {w} ×2 (repeat 1)"
+        for i, (d, w) in enumerate(
+            ((d, w) for d in ("iterative", "fork") for w in ("connect-per-request", "persistent")),
+            start=1,
+        )
+    ]
+    shown = [line for line in result.output.splitlines() if line.startswith("[")]
+    assert shown == cells
 
     (folder / "report.md").unlink()
     again = runner.invoke(app, ["report", str(folder)])

@@ -2,19 +2,62 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from lab.cli.errors import user_errors
 
+if TYPE_CHECKING:
+    from lab.measure.compare import Step
+
 console = Console(width=None if sys.stdout.isatty() else 160)
+
+
+@contextlib.contextmanager
+def progress_display(out: Console) -> Iterator[Callable[[Step], None]]:
+    """How a sweep shows where it is. On a terminal: one live bar — cells done of all, cells
+    left, the time left, and what runs now. Anywhere else (piped, CI): one plain line per cell,
+    as it starts."""
+    if not out.is_terminal:
+        yield lambda step: out.print(step.line, markup=False, highlight=False, soft_wrap=True)
+        return
+    columns = (
+        SpinnerColumn(),
+        MofNCompleteColumn(),
+        BarColumn(),
+        TextColumn("{task.fields[left]} left"),
+        TimeRemainingColumn(),
+        TextColumn("{task.description}"),
+    )
+    with Progress(*columns, console=out) as bar:
+        task = bar.add_task("starting…", total=None, left="?")
+
+        def show(step: Step) -> None:
+            left = step.total - step.done
+            bar.update(
+                task, total=step.total, completed=step.done, description=step.what, left=left
+            )
+
+        yield show
+        total = bar.tasks[0].total
+        bar.update(task, completed=total, left=0, description="done")
 
 
 def _csv(text: str | None) -> list[str] | None:
@@ -91,11 +134,11 @@ def compare(
                 *(["--local"] if local else []),
             ]
         )
-        with console.status("comparing…") as status:
+        with progress_display(console) as progress:
             results = sweep.compare(
                 make_backend,
                 matrix,
-                progress=lambda line: status.update(line),
+                progress=progress,
                 environment=sweep.environment(Path.cwd(), extra),
                 command=command,
                 quick=quick,

@@ -150,10 +150,23 @@ def run_id(now: datetime.datetime | None = None) -> str:
     return (now or datetime.datetime.now(datetime.UTC)).strftime("%Y%m%d-%H%M%S")
 
 
+@dataclass(frozen=True)
+class Step:
+    """Where a sweep is: the cells done before this one, the cells in all, what runs now."""
+
+    done: int
+    total: int
+    what: str  # e.g. "multi-accept connect-per-request ×8 (repeat 1)"
+
+    @property
+    def line(self) -> str:
+        return f"[{self.done + 1}/{self.total}] {self.what}"
+
+
 def compare(
     make_backend: Callable[[], Backend],
     matrix: Matrix,
-    progress: Callable[[str], None] = lambda _line: None,
+    progress: Callable[[Step], None] = lambda _step: None,
     environment: dict[str, Any] | None = None,
     command: str = "",
     quick: bool = False,
@@ -168,10 +181,9 @@ def compare(
         for name in matrix.designs:
             for workload in matrix.workloads:
                 for concurrency in matrix.concurrency:
+                    what = f"{name} {workload} ×{concurrency} (repeat {repeat + 1})"
+                    progress(Step(done, total, what))
                     done += 1
-                    progress(
-                        f"[{done}/{total}] {name} {workload} ×{concurrency} (repeat {repeat + 1})"
-                    )
                     entry: dict[str, Any] = {
                         "design": name,
                         "workload": workload,
