@@ -32,6 +32,7 @@ MESSAGE = b"x" * 49
 SLACK = 0.15  # per name: strace's attach and detach, a stray wake-up
 # Not ours: the C library's and the interpreter's own work in a forked child, and the call
 # strace's attach interrupts.
+RESTARTED = {"clone", "clone3"}
 RUNTIME = {"gettid": 1, "set_robust_list": 1, "rseq": 1, "restart_syscall": 1}
 
 pytestmark = pytest.mark.skipif(
@@ -72,6 +73,10 @@ def count(server: RunningServer, tmp: Path, connections: int, messages: int) -> 
         # % time, seconds, usecs/call, calls, [errors], syscall
         if len(fields) >= 5 and fields[3].isdigit() and fields[-1] != "total":
             calls[fields[-1]] += int(fields[3])
+            if fields[-1] in RESTARTED and len(fields) == 6:
+                # Under ptrace a child's exit signal interrupts fork(), which the kernel
+                # restarts (ERESTARTNOINTR): strace counts the failed attempt too.
+                calls[fields[-1]] -= int(fields[4])
     return {name: n / connections for name, n in calls.items()}
 
 
@@ -89,11 +94,18 @@ def test_each_design_keeps_its_system_call_budget(
     }
     for name, expected in MESSAGE_BUDGET.items():
         assert abs(per_message[name] - expected) <= 0.05, (name, per_message)
-    others = {n: v for n, v in per_message.items() if n not in MESSAGE_BUDGET and abs(v) > 0.05}
-    assert not others, f"{design} makes other calls per message: {others}"
-
     budget = DESIGNS[design].syscalls_per_connection
     assert budget, f"{design} declares no syscalls_per_connection"
+    # A per-connection call (the poll() of an empty queue) may differ between the windows by
+    # up to its count per connection, spread over K - 1 messages: that is not a message's cost.
+    others = {
+        n: v
+        for n, v in per_message.items()
+        if n not in MESSAGE_BUDGET
+        and abs(v) > 0.05 + (budget.get(n, 0) + RUNTIME.get(n, 0)) / (K - 1)
+    }
+    assert not others, f"{design} makes other calls per message: {others}"
+
     if "total" in budget:
         assert sum(one.values()) <= budget["total"], (sum(one.values()), one)
         return

@@ -32,7 +32,6 @@ import signal
 import socket
 import struct
 import time
-from typing import ClassVar
 
 from lab.sockets import process, signals
 from lab.sockets.accept import Acceptor
@@ -40,6 +39,10 @@ from lab.sockets.config import ConfigError, ServerConfig
 from lab.sockets.log import Log
 from lab.sockets.serving import set_timeouts
 from lab.sockets.stats import STOPPED, WORKER_DIED, Counters, ReportPipe, Stats
+
+TYPE_CHECKING = False  # typing is not imported at run time (see lab.sockets.base)
+if TYPE_CHECKING:
+    from typing import ClassVar
 
 # Named exit codes of a server process.
 EXIT_OK = 0

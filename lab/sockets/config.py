@@ -1,23 +1,22 @@
 """Server options: one definition serves the command line, the environment and validation.
 
-Every option is a field of :class:`ServerConfig`; its metadata gives the flag's help text. Each
-option also reads an environment variable named ``LAB_<FIELD>`` (``LAB_DESIGN``, ``LAB_PORT``,
-``LAB_BACKLOG``, ``LAB_WORKERS`` …): containers configure the server that way. A flag given on
-the command line wins over the environment.
+Every option is one entry of :data:`OPTIONS` (name, kind, default, help) and an attribute of
+:class:`ServerConfig`. Each option also reads an environment variable named ``LAB_<NAME>``
+(``LAB_DESIGN``, ``LAB_PORT``, ``LAB_BACKLOG``, ``LAB_WORKERS`` …): containers configure the
+server that way. A flag given on the command line wins over the environment.
 
 Parsing errors are :class:`ConfigError` with one line that names the problem and the fix.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import os
-import shlex
-import shutil
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, NoReturn
+
+TYPE_CHECKING = False  # typing is not imported at run time (see lab.sockets.base)
+if TYPE_CHECKING:
+    import argparse
+    from collections.abc import Mapping, Sequence
+    from typing import Any, NoReturn
 
 DEFAULT_PORT = 12345  # the original chapter's SERVER_PORT
 MAX_POOL = 1024  # upper bound on --workers/--max-workers/--max-children (and the pids limit)
@@ -27,26 +26,79 @@ class ConfigError(Exception):
     """A bad option value: the message is one line naming the problem and the fix."""
 
 
-def _opt(default: Any, help: str, **extra: Any) -> Any:
-    return field(default=default, metadata={"help": help, **extra})
+class Option:
+    """One option: its name (the field, ``--flag`` and ``LAB_NAME``), kind, default and help."""
+
+    __slots__ = ("default", "help", "kind", "name")
+
+    def __init__(self, name: str, kind: str, default: Any, help: str) -> None:
+        self.name, self.kind, self.default, self.help = name, kind, default, help
 
 
-@dataclass(frozen=True)
+# The one table every option comes from. (No dataclasses here: the server process imports as
+# little as it can — see lab.sockets.designs — and dataclasses brings inspect, ast, re …)
+OPTIONS = (
+    Option("design", "str", "iterative", "server design (see `lab designs`)"),
+    Option("host", "str", "0.0.0.0", "address to listen on (:: for IPv6)"),
+    Option("port", "int", DEFAULT_PORT, "TCP port (0 = any free port, printed in the ready line)"),
+    Option("backlog", "int?", None, "listen backlog (default: 5 for iterative, 128 otherwise)"),
+    Option("workers", "int?", None, "pool size for pool designs (default: number of CPUs)"),
+    Option("max_workers", "int?", None, "sendmsg: largest pool under load (default: 4 × workers)"),
+    Option("worker_idle", "float", 10.0, "sendmsg: seconds an extra worker idles before it exits"),
+    Option(
+        "max_children", "int", 256, "fork/spawn: most children at once; at the cap, stop accepting"
+    ),
+    Option("worker_cmd", "str?", None, "spawn: inetd-style program to run per connection"),
+    Option("connections", "int", 0, "serve this many connections, then exit 0 (0 = until stopped)"),
+    Option(
+        "idle_timeout", "float", 60.0, "close a connection with no progress for this many seconds"
+    ),
+    Option("grace", "float", 10.0, "on SIGTERM/SIGINT, seconds in-flight connections may finish"),
+    Option("trace", "bool", False, "log every socket call, as the original programs do"),
+    Option("health_port", "int", 0, "answer health probes on this port, counted apart (0 = off)"),
+)
+
+
 class ServerConfig:
-    design: str = _opt("iterative", "server design (see `lab designs`)")
-    host: str = _opt("0.0.0.0", "address to listen on (:: for IPv6)")
-    port: int = _opt(DEFAULT_PORT, "TCP port (0 = any free port, printed in the ready line)")
-    backlog: int | None = _opt(None, "listen backlog (default: 5 for iterative, 128 otherwise)")
-    workers: int | None = _opt(None, "pool size for pool designs (default: number of CPUs)")
-    max_workers: int | None = _opt(None, "sendmsg: largest pool under load (default: 4 × workers)")
-    worker_idle: float = _opt(10.0, "sendmsg: seconds an extra worker idles before it exits")
-    max_children: int = _opt(256, "fork/spawn: most children at once; at the cap, stop accepting")
-    worker_cmd: str | None = _opt(None, "spawn: inetd-style program to run per connection")
-    connections: int = _opt(0, "serve this many connections, then exit 0 (0 = until stopped)")
-    idle_timeout: float = _opt(60.0, "close a connection with no progress for this many seconds")
-    grace: float = _opt(10.0, "on SIGTERM/SIGINT, seconds in-flight connections may finish")
-    trace: bool = _opt(False, "log every socket call, as the original programs do")
-    health_port: int = _opt(0, "answer health probes on this port, counted apart (0 = off)")
+    """The server's options, immutable; ``ServerConfig(port=0, …)``, defaults from OPTIONS."""
+
+    __slots__ = tuple(o.name for o in OPTIONS)
+    design: str
+    host: str
+    port: int
+    backlog: int | None
+    workers: int | None
+    max_workers: int | None
+    worker_idle: float
+    max_children: int
+    worker_cmd: str | None
+    connections: int
+    idle_timeout: float
+    grace: float
+    trace: bool
+    health_port: int
+
+    def __init__(self, **values: Any) -> None:
+        unknown = set(values) - set(self.__slots__)
+        if unknown:
+            raise TypeError(f"unknown option(s): {', '.join(sorted(unknown))}")
+        for option in OPTIONS:
+            object.__setattr__(self, option.name, values.get(option.name, option.default))
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError("ServerConfig is immutable")
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ServerConfig) and all(
+            getattr(self, o.name) == getattr(other, o.name) for o in OPTIONS
+        )
+
+    def __hash__(self) -> int:
+        return hash(tuple(getattr(self, o.name) for o in OPTIONS))
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{o.name}={getattr(self, o.name)!r}" for o in OPTIONS)
+        return f"ServerConfig({shown})"
 
     def resolved_backlog(self, design_default: int) -> int:
         return self.backlog if self.backlog is not None else design_default
@@ -65,8 +117,10 @@ class ServerConfig:
         """``--worker-cmd`` as argv, its program resolved on PATH once (not per spawn)."""
         if not self.worker_cmd:
             return None
+        import shlex  # only for spawn's --worker-cmd (shlex brings re)
+
         argv = shlex.split(self.worker_cmd)
-        program = shutil.which(argv[0])
+        program = _which(argv[0])
         if program is None:
             raise ConfigError(f"--worker-cmd: program {argv[0]!r} not found on PATH")
         return [program, *argv[1:]]
@@ -103,19 +157,23 @@ class ServerConfig:
             raise ConfigError("--connections: give 0 (serve until stopped) or a positive count")
 
 
+def _which(program: str) -> str | None:
+    """``shutil.which`` without importing shutil (and the compressors it brings)."""
+    if os.sep in program:
+        return program if os.access(program, os.X_OK) and not os.path.isdir(program) else None
+    for folder in os.get_exec_path():
+        path = os.path.join(folder, program)
+        if os.access(path, os.X_OK) and not os.path.isdir(path):
+            return path
+    return None
+
+
 def _flag(name: str) -> str:
     return name.replace("_", "-")
 
 
 def env_name(name: str) -> str:
     return "LAB_" + name.upper()
-
-
-class _OneLineParser(argparse.ArgumentParser):
-    """argparse prints usage plus a message; we want one line that names the fix."""
-
-    def error(self, message: str) -> NoReturn:
-        raise ConfigError(f"{message} (see `{self.prog} --help`)")
 
 
 def _converter(kind: str, name: str) -> Any:
@@ -137,40 +195,77 @@ def _converter(kind: str, name: str) -> Any:
     return convert
 
 
-def _kind(f: dataclasses.Field[Any]) -> str:
-    text = str(f.type)
-    for kind in ("bool", "int", "float", "str"):
-        if text.startswith(kind):
-            return kind
-    raise TypeError(f"unsupported option type {f.type!r}")
+def _base(kind: str) -> str:
+    return kind.rstrip("?")
 
 
 def build_parser(prog: str = "lab serve") -> argparse.ArgumentParser:
+    """argparse, for --help and for every command line :func:`_plain_args` does not take."""
+    import argparse
+
+    class _OneLineParser(argparse.ArgumentParser):
+        """argparse prints usage plus a message; we want one line that names the fix."""
+
+        def error(self, message: str) -> NoReturn:
+            raise ConfigError(f"{message} (see `{self.prog} --help`)")
+
     parser = _OneLineParser(
         prog=prog,
         description="Run one server design (echo service). Every option also reads LAB_<NAME>.",
     )
-    for f in dataclasses.fields(ServerConfig):
-        flag = "--" + _flag(f.name)
-        help_text = f"{f.metadata['help']} [env {env_name(f.name)}]"
-        if _kind(f) == "bool":
+    for option in OPTIONS:
+        flag = "--" + _flag(option.name)
+        help_text = f"{option.help} [env {env_name(option.name)}]"
+        if option.kind == "bool":
             parser.add_argument(flag, action="store_true", default=None, help=help_text)
         else:
             parser.add_argument(
-                flag, type=_converter(_kind(f), f.name), default=None, help=help_text
+                flag, type=_converter(_base(option.kind), option.name), default=None, help=help_text
             )
     return parser
 
 
+_BY_FLAG = {_flag(option.name): option for option in OPTIONS}
+
+
+def _plain_args(argv: Sequence[str]) -> dict[str, Any] | None:
+    """The usual command line — ``--name value``, ``--name=value``, ``--flag`` — read without
+    argparse, which a server process would otherwise carry (with re, gettext, shutil and the
+    compressors shutil imports) into every fork. None: anything else (help, an unknown or
+    abbreviated option, a missing value), for argparse to handle and word the error."""
+    values: dict[str, Any] = {option.name: None for option in OPTIONS}
+    i = 0
+    while i < len(argv):
+        name, eq, value = argv[i].removeprefix("--").partition("=")
+        option = _BY_FLAG.get(name) if argv[i].startswith("--") else None
+        if option is None:
+            return None
+        i += 1
+        if option.kind == "bool":
+            if eq:
+                return None
+            values[option.name] = True
+            continue
+        if not eq:
+            if i >= len(argv) or argv[i].startswith("--"):
+                return None
+            value, i = argv[i], i + 1
+        values[option.name] = _converter(_base(option.kind), option.name)(value)
+    return values
+
+
 def parse(argv: Sequence[str], environ: Mapping[str, str], designs: Sequence[str]) -> ServerConfig:
     """Command line over environment over defaults; validated. Raises ConfigError."""
-    args = vars(build_parser().parse_args(list(argv)))
+    args = _plain_args(argv)
+    if args is None:
+        args = vars(build_parser().parse_args(list(argv)))
     values: dict[str, Any] = {}
-    for f in dataclasses.fields(ServerConfig):
-        if args[f.name] is not None:
-            values[f.name] = args[f.name]
-        elif environ.get(env_name(f.name), "") != "":
-            values[f.name] = _converter(_kind(f), f.name)(environ[env_name(f.name)])
+    for option in OPTIONS:
+        if args[option.name] is not None:
+            values[option.name] = args[option.name]
+        elif environ.get(env_name(option.name), "") != "":
+            convert = _converter(_base(option.kind), option.name)
+            values[option.name] = convert(environ[env_name(option.name)])
     config = ServerConfig(**values)
     config.validate(designs)
     return config
@@ -179,12 +274,12 @@ def parse(argv: Sequence[str], environ: Mapping[str, str], designs: Sequence[str
 def to_argv(config: ServerConfig) -> list[str]:
     """The command line that reproduces ``config`` (the CLI execs the server with it)."""
     argv: list[str] = []
-    for f in dataclasses.fields(ServerConfig):
-        value = getattr(config, f.name)
-        if value is None or value == f.default:
+    for option in OPTIONS:
+        value = getattr(config, option.name)
+        if value is None or value == option.default:
             continue
         if value is True:
-            argv.append("--" + _flag(f.name))
+            argv.append("--" + _flag(option.name))
         else:
-            argv += ["--" + _flag(f.name), str(value)]
+            argv += ["--" + _flag(option.name), str(value)]
     return argv

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import TextIO
+
+TYPE_CHECKING = False  # typing is not imported at run time (see lab.sockets.base)
+if TYPE_CHECKING:
+    from typing import TextIO
 
 
 class Log:

@@ -7,7 +7,6 @@ import ctypes
 import os
 import signal
 import sys
-import traceback
 from collections.abc import Callable, Iterable
 
 from lab.sockets import signals
@@ -71,6 +70,8 @@ def fork(
         die_with_parent(parent if long_lived else None)
         code = child()
     except BaseException:
+        import traceback  # only when a child crashed: not in every forked process's image
+
         traceback.print_exc()
     finally:
         # os._exit, never return or sys.exit: the child must not unwind into the parent's

@@ -17,12 +17,10 @@ worker program writes one record per connection to a pipe instead (:class:`Repor
 
 from __future__ import annotations
 
-import json
 import mmap
 import os
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 
 COMPLETED = "completed"  # the client closed its side after every byte it sent was echoed
 # Failure reasons (``failed`` counts by these):
@@ -34,24 +32,27 @@ SPAWN_FAILED = "spawn_failed"  # posix_spawn()/fork() failed (EAGAIN, ENOMEM)
 ERROR = "error"  # any other socket error
 
 
-@dataclass
 class Stats:
-    design: str
-    accepted: int = 0
-    completed: int = 0
-    failed: Counter[str] = field(default_factory=Counter)
-    shed: int = 0  # accepted and closed at once: no descriptor, no room in the queue
-    bytes_in: int = 0
-    bytes_out: int = 0
-    per_worker: Counter[str] = field(default_factory=Counter)  # connections served, by worker pid
-    workers_alive: int = 0
-    health_probes: int = 0  # answered on the health port; not connections
-    report_errors: int = 0  # malformed records on the report pipe, skipped
-    started: float = field(default_factory=time.monotonic)
-    per_worker_enabled: bool = True  # count connections by the pid that served them
+    """A server's counts (no dataclass: see lab.sockets.config on the server's imports)."""
+
+    def __init__(self, design: str, per_worker_enabled: bool = True) -> None:
+        self.design = design
+        self.accepted = 0
+        self.completed = 0
+        self.failed: Counter[str] = Counter()
+        self.shed = 0  # accepted and closed at once: no descriptor, no room in the queue
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.per_worker: Counter[str] = Counter()  # connections served, by worker pid
+        self.workers_alive = 0
+        self.health_probes = 0  # answered on the health port; not connections
+        self.report_errors = 0  # malformed records on the report pipe, skipped
+        self.started = time.monotonic()
+        self.per_worker_enabled = per_worker_enabled  # count connections by serving pid
 
     def copy(self) -> Stats:
-        twin = Stats(**{k: getattr(self, k) for k in self.__dataclass_fields__})
+        twin = Stats(self.design, self.per_worker_enabled)
+        twin.__dict__.update(self.__dict__)
         twin.failed, twin.per_worker = Counter(self.failed), Counter(self.per_worker)
         return twin
 
@@ -70,26 +71,40 @@ class Stats:
         return self.accepted - self.completed - sum(self.failed.values()) - self.shed
 
     def to_json(self) -> str:
-        return json.dumps(
-            {
-                "event": "stats",
-                "design": self.design,
-                "pid": os.getpid(),
-                "uptime_s": round(time.monotonic() - self.started, 3),
-                "accepted": self.accepted,
-                "completed": self.completed,
-                "failed": dict(sorted(self.failed.items())),
-                "shed": self.shed,
-                "in_flight": self.in_flight,
-                "bytes_in": self.bytes_in,
-                "bytes_out": self.bytes_out,
-                "per_worker": dict(sorted(self.per_worker.items())),
-                "workers_alive": self.workers_alive,
-                "health_probes": self.health_probes,
-                **({"report_errors": self.report_errors} if self.report_errors else {}),
-            },
-            separators=(", ", ": "),
-        )
+        """One JSON line. Written by hand, not with the json module: it would be one more
+        import in every forked process's image, or an import at the moment descriptors ran out
+        (SIGUSR1 during EMFILE must still answer)."""
+        fields: list[tuple[str, object]] = [
+            ("event", "stats"),
+            ("design", self.design),
+            ("pid", os.getpid()),
+            ("uptime_s", round(time.monotonic() - self.started, 3)),
+            ("accepted", self.accepted),
+            ("completed", self.completed),
+            ("failed", dict(sorted(self.failed.items()))),
+            ("shed", self.shed),
+            ("in_flight", self.in_flight),
+            ("bytes_in", self.bytes_in),
+            ("bytes_out", self.bytes_out),
+            ("per_worker", dict(sorted(self.per_worker.items()))),
+            ("workers_alive", self.workers_alive),
+            ("health_probes", self.health_probes),
+        ]
+        if self.report_errors:
+            fields.append(("report_errors", self.report_errors))
+        return _object(fields)
+
+
+def _value(value: object) -> str:
+    if isinstance(value, dict):
+        return _object(list(value.items()))
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value)  # int, float
+
+
+def _object(items: list[tuple[str, object]]) -> str:
+    return "{" + ", ".join(f"{_value(str(k))}: {_value(v)}" for k, v in items) + "}"
 
 
 # -- shared-memory counters ------------------------------------------------------------------------

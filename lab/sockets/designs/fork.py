@@ -22,13 +22,16 @@ import errno
 import gc
 import os
 import signal
-from typing import ClassVar
 
 from lab.sockets import process
 from lab.sockets.base import Server
 from lab.sockets.echo import echo
 from lab.sockets.serving import Serving
 from lab.sockets.stats import SPAWN_FAILED
+
+TYPE_CHECKING = False  # typing is not imported at run time (see lab.sockets.base)
+if TYPE_CHECKING:
+    from typing import ClassVar
 
 
 class ForkServer(Server):

@@ -29,12 +29,15 @@ import select
 import signal
 import threading
 import time
-from typing import ClassVar
 
 from lab.sockets import signals
 from lab.sockets.base import Server
 from lab.sockets.echo import echo
 from lab.sockets.serving import Serving
+
+TYPE_CHECKING = False  # typing is not imported at run time (see lab.sockets.base)
+if TYPE_CHECKING:
+    from typing import ClassVar
 
 
 class IterativeServer(Server):

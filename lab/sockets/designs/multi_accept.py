@@ -27,7 +27,6 @@ import select
 import signal
 import socket
 import time
-from typing import ClassVar
 
 from lab.sockets import process
 from lab.sockets.accept import Acceptor
@@ -37,6 +36,10 @@ from lab.sockets.log import Log
 from lab.sockets.pool import PoolServer
 from lab.sockets.serving import Interrupted, Serving, adopt_lost, lowest_free_fd
 from lab.sockets.stats import Slot
+
+TYPE_CHECKING = False  # typing is not imported at run time (see lab.sockets.base)
+if TYPE_CHECKING:
+    from typing import ClassVar
 
 _LOST = -2  # _wait(): the handler raised just as accept() returned
 

@@ -43,7 +43,6 @@ import socket
 import struct
 import termios
 import time
-from typing import ClassVar
 
 from lab.sockets import process
 from lab.sockets.config import ConfigError, ServerConfig
@@ -52,6 +51,10 @@ from lab.sockets.log import Log
 from lab.sockets.pool import PoolServer
 from lab.sockets.serving import Serving, set_timeouts
 from lab.sockets.stats import BUSY, IDLE, RECEIVED, STATE, Slot
+
+TYPE_CHECKING = False  # typing is not imported at run time (see lab.sockets.base)
+if TYPE_CHECKING:
+    from typing import ClassVar
 
 CONNECTION = b"c"  # a message carrying a descriptor
 STOP = b"q"  # a message telling one worker to leave (after everything queued before it)

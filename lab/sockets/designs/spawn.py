@@ -24,13 +24,16 @@ import signal
 import socket
 import sys
 from pathlib import Path
-from typing import ClassVar
 
 from lab.sockets.base import Server
 from lab.sockets.config import ServerConfig
 from lab.sockets.serving import set_timeouts
 from lab.sockets.signals import RESET_ON_EXEC
 from lab.sockets.stats import COMPLETED, ERROR, SPAWN_FAILED, STOPPED, WORKER_DIED, ReportPipe
+
+TYPE_CHECKING = False  # typing is not imported at run time (see lab.sockets.base)
+if TYPE_CHECKING:
+    from typing import ClassVar
 
 WORKER = Path(__file__).resolve().parent.parent / "spawn_worker.py"
 REPORT_FD = 3  # where a spawned worker finds the statistics pipe (an extra inherited descriptor)
