@@ -114,6 +114,9 @@ def test_spawn_holds_and_reports_spawn_cat() -> None:
     )
     assert c.verdict == HOLDS
     assert "spawn+cat" in c.evidence and "single run" not in c.evidence
+    # The verdict carries each side's spread: median (min–max over repeats).
+    for spread in ("20.000 (19.000–21.000)", "0.110 (0.100–0.120)", "0.210 (0.200–0.220)"):
+        assert spread in c.evidence, spread
 
 
 def test_spawn_does_not_hold_when_cheaper() -> None:

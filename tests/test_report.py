@@ -481,3 +481,38 @@ def test_persistent_tables_show_cpu_per_connection(tmp_path: Path) -> None:
     results = make_results([make_run("fork", 8, workload="persistent", cpu_ms=0.2)])
     row = _row(render(results, tmp_path).read_text(), "fork", 8, "persistent")
     assert row["CPU ms/req"] == "0.200" and row["CPU ms/conn"] == "2.000"
+
+
+# --- repeats on the plots ------------------------------------------------------------------------
+
+
+def test_every_plot_draws_a_dot_per_repeat(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lab.measure import plots
+
+    figures: dict[str, Any] = {}
+    save = plots._save
+
+    def keep(fig: Any, out_dir: Path, filename: str, title: str) -> plots.Plot:
+        figures[filename] = fig
+        return save(fig, out_dir, filename, title)
+
+    monkeypatch.setattr(plots, "_save", keep)
+    throughputs, cpus = (1000.0, 1300.0, 1150.0), (0.2, 0.3, 0.25)
+    runs = [
+        make_run("fork", 8, repeat=r, throughput=tp, cpu_ms=cpu, latencies_us=(100 * (r + 1),))
+        for r, (tp, cpu) in enumerate(zip(throughputs, cpus, strict=True))
+    ]
+    render(make_results(runs), tmp_path)
+
+    def dots(filename: str) -> set[tuple[float, float]]:
+        (ax,) = figures[filename].axes
+        return {
+            (round(float(x), 6), round(float(y), 6))
+            for collection in ax.collections
+            for x, y in collection.get_offsets()
+        }
+
+    assert {(8.0, tp) for tp in throughputs} <= dots("throughput-connect-per-request.png")
+    assert {(0.0, cpu) for cpu in cpus} <= dots("cpu-per-request.png")
+    p50s = {float(r["load"]["latency_us"]["p50"]) for r in runs}
+    assert {(0.0, p) for p in p50s} <= dots("latency-connect-per-request.png")

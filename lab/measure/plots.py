@@ -1,7 +1,8 @@
 """The report's plots, as PNG files (matplotlib, Agg backend — imported only when drawing).
 
-Every plot skips what it cannot draw (a design with errors only, a missing workload) and says
-so in a note, instead of failing the report.
+Every plot shows each cell's repeats — a dot per repeat beside the median and its spread — and
+skips what it cannot draw (a design with errors only, a missing workload), saying so in a note
+instead of failing the report.
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lab.measure.report import Cell, cells_for, primary_workload, top_cells
+from lab.measure.report import Cell, Spread, cells_for, primary_workload, top_cells
 
 if TYPE_CHECKING:
+    from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
 __all__ = ["Plot", "draw"]
@@ -36,6 +38,23 @@ def _figure(width: float = 8.0, height: float = 4.5) -> Figure:
     from matplotlib.figure import Figure
 
     return Figure(figsize=(width, height), layout="constrained")
+
+
+def _repeats(ax: Axes, x: float, spread: Spread | None, color: object, floor: float = 0.0) -> None:
+    """A dot per repeat at ``x`` (values at or below ``floor`` lifted to it: a log axis)."""
+    if spread is None or not spread.values:
+        return
+    values = [max(v, floor) for v in spread.values]
+    ax.scatter(
+        [x] * len(values),
+        values,
+        s=18,
+        color=color,
+        edgecolors="black",
+        linewidths=0.4,
+        alpha=0.8,
+        zorder=3,
+    )
 
 
 def _save(fig: Figure, out_dir: Path, filename: str, title: str) -> Plot:
@@ -88,6 +107,9 @@ def _throughput(
             [tp.high - tp.median for _, tp, _ in points],
         ]
         line = ax.errorbar(xs, ys, yerr=errors, marker="o", capsize=3, label=design)
+        color = line.lines[0].get_color()
+        for c, tp, _ in points:
+            _repeats(ax, c, tp, color)
         bound = [(c, tp.median) for c, tp, lb in points if lb]
         if bound:
             ax.scatter(
@@ -106,7 +128,7 @@ def _throughput(
     ax.set_xticks(ticks, [str(t) for t in ticks])
     ax.minorticks_off()
     ax.set_xlabel("concurrency (connections)")
-    ax.set_ylabel("requests/s (median, min–max)")
+    ax.set_ylabel("requests/s (median, min–max; dots: repeats)")
     ax.set_title(f"Throughput vs concurrency — {workload} (× loader-bound)")
     ax.legend(fontsize="small", ncols=2)
     ax.grid(True, alpha=0.3)
@@ -132,7 +154,10 @@ def _latency(
     width = 0.8 / len(labels)
     for i, label in enumerate(labels):
         values = [max(c.latency[label].median, 1.0) if label in c.latency else 0 for c in top]
-        ax.bar([x + i * width for x in range(len(top))], values, width, label=label)
+        bars = ax.bar([x + i * width for x in range(len(top))], values, width, label=label)
+        color = bars.patches[0].get_facecolor() if bars.patches else None
+        for x, cell in enumerate(top):
+            _repeats(ax, x + i * width, cell.latency.get(label), color, floor=1.0)
     ax.set_yscale("log")
     ax.set_xticks([x + width for x in range(len(top))])
     ax.set_xticklabels(
@@ -142,7 +167,7 @@ def _latency(
         ],
         fontsize="small",
     )
-    ax.set_ylabel("latency µs (median over repeats, log)")
+    ax.set_ylabel("latency µs (median over repeats, log; dots: repeats)")
     ax.set_title(f"Latency percentiles at the highest concurrency — {workload}")
     ax.legend(fontsize="small")
     ax.grid(True, axis="y", alpha=0.3)
@@ -179,12 +204,14 @@ def _cpu(
         [cpu.high - cpu.median for _, cpu in top],
     ]
     ax.bar(xs, medians, yerr=errors, capsize=3, color="tab:orange")
+    for x, (_, cpu) in zip(xs, top, strict=True):
+        _repeats(ax, x, cpu, "black", floor=cpu.median * 1e-3)
     ax.set_yscale("log")
     ax.set_xticks(xs)
     ax.set_xticklabels(
         [f"{c.design}\nc={c.concurrency}" for c, _ in top], fontsize="small", rotation=0
     )
-    ax.set_ylabel("server CPU ms per request (log)")
+    ax.set_ylabel("server CPU ms per request (log; dots: repeats)")
     ax.set_title(f"Server CPU per request — {workload}, highest concurrency")
     ax.grid(True, axis="y", alpha=0.3)
     plots.append(_save(fig, out_dir, "cpu-per-request.png", "Server CPU per request"))
