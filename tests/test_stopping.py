@@ -166,3 +166,33 @@ def test_malformed_report_records_are_skipped_and_counted() -> None:
     assert (stats.completed, dict(stats.failed), stats.report_errors) == (1, {"reset": 1}, 5)
     assert (stats.bytes_in, stats.bytes_out) == (8, 7)
     pipe.close()
+
+
+def test_worker_cmd_program_gets_a_socket_without_the_servers_timeouts(
+    start_server: ServerFactory,
+) -> None:
+    # Once: clearing the inherited SO_RCVTIMEO set one clock tick instead of none, and cat
+    # failed with EAGAIN at the first pause between messages.
+    server = start_server("spawn", "--worker-cmd", "cat", "--idle-timeout", "30")
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        for _ in range(2):
+            sock.sendall(b"hello\n")
+            assert sock.recv(100) == b"hello\n"
+            time.sleep(0.3)  # a pause longer than any clock tick
+        sock.sendall(b"again\n")
+        assert sock.recv(100) == b"again\n"
+
+
+@pytest.mark.parametrize("design", ["iterative", "fork", "sendmsg", "multi-accept"])
+def test_a_second_sigterm_ends_the_grace_period_at_once(
+    design: str, start_server: ServerFactory
+) -> None:
+    server = start_server(design, "--grace", "60", *args_for(design))
+    with socket.create_connection(("127.0.0.1", server.port)) as busy:
+        busy.sendall(MESSAGE)
+        assert busy.recv(100) == MESSAGE
+        os.kill(server.pid, signal.SIGTERM)
+        time.sleep(0.3)  # the first one has been handled (a pause, not a measurement)
+        os.kill(server.pid, signal.SIGTERM)
+        assert server.wait(20) == 0  # far inside the 60 s grace period
+    assert server.final_stats()["failed"] == {"stopped": 1}

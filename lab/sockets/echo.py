@@ -36,6 +36,9 @@ def echo(fd: int, serving: Serving) -> tuple[str, int, int]:
     bytes_in = bytes_out = last = 0
     out = view[:0]
     serving.current = fd
+    if serving.cut:  # the grace period ran out between accept() and here
+        serving.current = -1
+        return stats.STOPPED, 0, 0
     try:
         while True:
             n = readv(fd, buffers)

@@ -50,10 +50,14 @@ class Interrupted(Exception):
     """Raised by the signal handler, only inside a wait marked interruptible."""
 
 
-def set_timeouts(sock: socket.socket, seconds: float) -> None:
-    """``SO_RCVTIMEO`` and ``SO_SNDTIMEO`` (struct timeval); 0 would mean "never"."""
-    seconds = max(seconds, 1e-6)
-    timeval = struct.pack("ll", int(seconds), int((seconds % 1) * 1_000_000))
+def set_timeouts(sock: socket.socket, seconds: float | None) -> None:
+    """``SO_RCVTIMEO`` and ``SO_SNDTIMEO`` (struct timeval); None clears them (a zero timeval
+    means "never"; any positive value is at least one clock tick)."""
+    if seconds is None:
+        timeval = struct.pack("ll", 0, 0)
+    else:
+        seconds = max(seconds, 1e-6)
+        timeval = struct.pack("ll", int(seconds), int((seconds % 1) * 1_000_000))
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
 
@@ -93,12 +97,16 @@ class Serving:
         log: Log,
         slot: Slot,
         stop_signals: Iterable[int] = (signal.SIGTERM,),
+        repeat_cuts: bool = False,
     ) -> None:
         self.grace = config.grace
         self.log = log
         self.tracing = log.tracing
         self.slot = slot
         self.stop_signals = frozenset(stop_signals)
+        # A second stop request ends the grace period at once (a server told twice); a pool
+        # worker's parent repeats SIGTERM on purpose (see multi_accept), so there it does not.
+        self.repeat_cuts = repeat_cuts
         self.current = -1  # the descriptor being served
         self.stopping = False
         self.deadline: float | None = None  # monotonic; set when a stop was requested
@@ -130,7 +138,10 @@ class Serving:
 
     def request_stop(self) -> None:
         if self.stopping:
-            return  # a repeated SIGTERM does not move the deadline
+            if self.repeat_cuts:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+                self.grace_over()
+            return  # otherwise a repeated SIGTERM does not move the deadline
         self.stopping = True
         self.deadline = time.monotonic() + self.grace
         signal.setitimer(signal.ITIMER_REAL, max(self.grace, 1e-3))

@@ -61,12 +61,18 @@ class IterativeServer(Server):
         self.slot = self.counters.assign()
         self.counters.bind(self.slot, os.getpid())
         self.serving = Serving(
-            self.config, self.log, self.slot, stop_signals=(signal.SIGTERM, signal.SIGINT)
+            self.config,
+            self.log,
+            self.slot,
+            stop_signals=(signal.SIGTERM, signal.SIGINT),
+            repeat_cuts=True,
         )
         self.serving.on_usr1 = lambda: self.log.line_now(self.stats_line())
         # The signals now act at once (the echo blocks in recv); the wake-up pipe still ends
         # the poll() between connections.
         signals.set_owner(self.serving.on_signal)
+        for signum in self.signal_queue.pending():  # any that came before this point
+            self.serving.on_signal(signum)
         if self.health is not None:
             self.health.setblocking(True)
             mask = signals.block_all()  # the thread inherits the mask; we restore ours
@@ -84,6 +90,7 @@ class IterativeServer(Server):
             except OSError:
                 if health.fileno() == -1:
                     return  # closed: the server is exiting
+                time.sleep(0.1)  # out of descriptors or buffers: the probe retries anyway
                 continue
             with contextlib.suppress(OSError):
                 probe.send(b"ok\n")

@@ -96,6 +96,8 @@ class MultiAcceptServer(PoolServer):
             self.close_the_door()
             if self._stop_deadline is not None:
                 self._stop_deadline += self.WORKER_SLACK
+        if not first:
+            self.killing = True  # told twice: what they hold is cut, counted as stopped
         self.signal_workers(signal.SIGTERM if first else signal.SIGKILL)
 
     def stop_poll_interval(self) -> float:

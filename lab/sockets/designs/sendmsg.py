@@ -130,6 +130,8 @@ class SendmsgServer(PoolServer):
     def queued(self) -> int:
         """Descriptors sent and not yet received (see the docstring)."""
         received = self.received_gone + sum(s.get(RECEIVED) for s in self.counters.live())
+        if self.sent < received:  # over-corrected by a resync that raced a worker: re-base
+            self.sent = received
         return self.sent - received
 
     def idle_workers(self) -> int:
@@ -174,6 +176,8 @@ class SendmsgServer(PoolServer):
     def process_request(self, fd: int) -> None:
         if self.pass_descriptor(fd):
             return
+        if self.stopping and self._send_blocking(lambda: self.pass_descriptor(fd)):
+            return  # draining: wait (within the grace period) for the workers to make room
         if len(self.workers) < self.config.pool_max and not self.stopping:
             # Queue full: hold this one connection (a dup: close_request closes ours),
             # stop accepting, and start a worker to empty the queue.

@@ -105,7 +105,7 @@ class SpawnServer(Server):
             actions.append((os.POSIX_SPAWN_DUP2, self.report.write_fd, REPORT_FD))
         else:
             with socket.socket(self.listener.family, socket.SOCK_STREAM, 0, fileno=fd) as sock:
-                set_timeouts(sock, 0.0)
+                set_timeouts(sock, None)
                 sock.detach()
         try:
             pid = os.posix_spawn(
