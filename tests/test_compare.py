@@ -11,7 +11,7 @@ import pytest
 from lab.measure import compare as sweep
 from lab.measure.bench import BenchError, LocalBackend
 from lab.measure.claims import INCONCLUSIVE, evaluate
-from lab.measure.report import aggregate, cells_for
+from lab.measure.report import aggregate, cells_for, render
 
 TINY = sweep.Matrix(
     sweep.all_servers(),  # every design, variant and peer
@@ -139,6 +139,47 @@ def test_progress_on_a_terminal_is_one_bar_with_cells_done_left_and_time_left() 
     assert piped.getvalue() == "[1/3] fork connect-per-request ×8 (repeat 1)\n"
 
 
+def test_latency_curve_runs_open_loop_at_shares_of_the_closed_loop_maximum(tmp_path: Path) -> None:
+    """multi-accept takes its maximum from the sweep, fork (not in the sweep) from a closed-loop
+    run of its own; each then runs open loop at every share of it. Every request due in the
+    window is accounted for: verified, failed, unfinished or never sent."""
+    matrix = sweep.Matrix(
+        ["multi-accept"],
+        workloads=["connect-per-request"],
+        concurrency=[4],
+        repeats=1,
+        duration=0.5,
+        warmup=0.2,
+        latency_curve=["multi-accept", "fork"],
+    )
+    results = sweep.compare(LocalBackend, matrix)
+    curve = results["latency_curve"]
+    assert curve["fractions"] == list(sweep.CURVE_FRACTIONS)
+    ma, fork = curve["maximum"]["multi-accept"], curve["maximum"]["fork"]
+    (swept,) = results["runs"]
+    assert ma["source"] == "the sweep" and ma["concurrency"] == 4
+    assert ma["throughput_rps"] == swept["load"]["throughput_rps"]
+    assert fork["source"] == "a closed-loop run for the curve" and fork["throughput_rps"] > 0
+    runs = curve["runs"]
+    assert [(r["design"], r["fraction"]) for r in runs] == [
+        (d, f) for d in ("multi-accept", "fork") for f in sweep.CURVE_FRACTIONS
+    ]
+    for run in runs:
+        assert "error" not in run, run
+        maximum = curve["maximum"][run["design"]]["throughput_rps"]
+        load = run["load"]
+        assert run["rate"] == pytest.approx(run["fraction"] * maximum)
+        assert load["config"]["loop"] == "open" and load["config"]["rate"] == run["rate"]
+        assert load["requests"] > 0
+        due = run["rate"] * matrix.duration
+        accounted = load["requests"] + load["errors_total"] + load["unfinished"] + load["unsent"]
+        assert abs(accounted - due) <= load["loader"]["processes"] + 1, (accounted, due)
+    path = render(results, tmp_path)
+    text = path.read_text()
+    assert "## Latency under offered load" in text and "latency-curve.png" in text
+    assert (tmp_path / "latency-curve.png").is_file()
+
+
 def test_a_failed_run_is_kept_with_its_error_and_the_sweep_goes_on(tmp_path: Path) -> None:
     class Broken(LocalBackend):
         def start(self, server: object) -> tuple[str, int]:  # type: ignore[override]
@@ -154,6 +195,17 @@ def test_a_failed_run_is_kept_with_its_error_and_the_sweep_goes_on(tmp_path: Pat
     )
     results = sweep.compare(Broken, matrix)
     assert [r["error"] for r in results["runs"]] == ["the server did not answer in time: boom"] * 2
+
+
+def test_compare_command_unknown_latency_curve_design_is_one_line(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from lab.cli.app import app
+
+    args = ["compare", "--local", "--latency-curve", "nope", "--out", str(tmp_path)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and "unknown design 'nope'" in result.output
+    assert "Traceback" not in result.output and not list(tmp_path.iterdir())
 
 
 def test_unknown_design_names_the_valid_ones() -> None:

@@ -516,3 +516,35 @@ def test_every_plot_draws_a_dot_per_repeat(tmp_path: Path, monkeypatch: pytest.M
     assert {(0.0, cpu) for cpu in cpus} <= dots("cpu-per-request.png")
     p50s = {float(r["load"]["latency_us"]["p50"]) for r in runs}
     assert {(0.0, p) for p in p50s} <= dots("latency-connect-per-request.png")
+
+
+# --- the latency curve -------------------------------------------------------------------------
+
+
+def test_latency_curve_section_and_plot(tmp_path: Path) -> None:
+    def curve_run(design: str, fraction: float, repeat: int, p50: int) -> dict[str, Any]:
+        run = make_run(design, 64, repeat=repeat, throughput=1000 * fraction, latencies_us=(p50,))
+        return {**run, "fraction": fraction, "rate": 1000 * fraction}
+
+    results = make_results([make_run("fork", 64, throughput=1000)])
+    results["latency_curve"] = {
+        "fractions": [0.25, 0.9],
+        "maximum": {
+            "fork": {"source": "the sweep", "throughput_rps": 1000.0, "concurrency": 64},
+            "spawn": {"source": "a closed-loop run for the curve", "error": "boom"},
+        },
+        "runs": [
+            *(curve_run("fork", f, r, p) for f, p in ((0.25, 100), (0.9, 5000)) for r in (0, 1)),
+            {"design": "spawn", "fraction": 0.25, "repeat": 0, "error": "no closed-loop maximum"},
+        ],
+    }
+    text = render(results, tmp_path).read_text()
+    section = text.split("## Latency under offered load")[1].split("\n## ")[0]
+    assert "- fork: maximum 1,000 req/s closed loop at c=64, from the sweep" in section
+    assert "- spawn: maximum not measured (boom)" in section
+    assert "| fork | 25% | 250 | 250 |" in section and "| fork | 90% | 900 | 900 |" in section
+    assert "| spawn | 25% | 0 | — | — | — | FAILED: no closed-loop maximum |" in section
+    assert (tmp_path / "latency-curve.png").read_bytes()[:8] == PNG_MAGIC
+    assert "spawn (latency curve): no open-loop run completed" in text
+    plain = render(make_results([make_run("fork")]), tmp_path / "plain").read_text()
+    assert "Latency under offered load" not in plain

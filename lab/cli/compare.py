@@ -76,6 +76,13 @@ def compare(
     workers: Annotated[
         int, typer.Option(min=1, help="workers of every pool design", envvar="LAB_WORKERS")
     ] = 2,
+    latency_curve: Annotated[
+        str | None,
+        typer.Option(
+            help="comma-separated: also run these open loop at 25, 50, 75 and 90 % of each "
+            "one's closed-loop maximum, and plot p50/p99 against the offered load"
+        ),
+    ] = None,
     out: Annotated[Path, typer.Option(help="results folder", envvar="LAB_RESULTS")] = Path(
         "results"
     ),
@@ -88,6 +95,8 @@ def compare(
         try:
             names = _csv(designs) or sweep.all_servers()
             sweep.check_servers(names)
+            curve = _csv(latency_curve) or []
+            sweep.check_servers(curve)
             matrix = (
                 sweep.quick_matrix(names, workers)
                 if quick
@@ -99,6 +108,7 @@ def compare(
                 matrix.repeats = repeats
             if duration:
                 matrix.duration = duration
+            matrix.latency_curve = curve
         except ValueError:
             raise typer.BadParameter("--concurrency: give numbers, e.g. 1,8,64") from None
         except BenchError as exc:
@@ -130,6 +140,7 @@ def compare(
                 str(matrix.duration),
                 "--workers",
                 str(matrix.workers),
+                *(["--latency-curve", ",".join(curve)] if curve else []),
                 *(["--quick"] if quick else []),
                 *(["--local"] if local else []),
             ]

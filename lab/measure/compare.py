@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from lab.measure.bench import Backend, BenchError, ServerSpec, bench
-from lab.measure.config import make_config
+from lab.measure.config import CONNECT_PER_REQUEST, make_config
 from lab.measure.errors import LoadError
 from lab.measure.peers import PEERS
 from lab.sockets.designs import DESIGNS
@@ -76,6 +76,8 @@ GROWING = next(name for name, variant in VARIANTS.items() if variant.growth > 1)
 #: (design, its copy): the controls.
 CONTROLS = tuple((variant.design, name) for name, variant in VARIANTS.items() if variant.copy)
 PEER_NAMES = tuple(f"peer-{name}" for name in sorted(PEERS))
+#: The offered loads of a latency curve, as shares of the design's closed-loop maximum.
+CURVE_FRACTIONS = (0.25, 0.5, 0.75, 0.9)
 SYSCTLS = (
     "net.core.somaxconn",
     "net.ipv4.tcp_tw_reuse",
@@ -95,6 +97,9 @@ class Matrix:
     workers: int = 2  # every pool design gets the same number, so comparisons are fair
     per_connection: int = 10
     size: int = 49
+    #: Designs (or variants, peers) also run open loop at :data:`CURVE_FRACTIONS` of their
+    #: closed-loop maximum throughput: latency against offered load.
+    latency_curve: list[str] = field(default_factory=list)
 
 
 def all_servers() -> list[str]:
@@ -171,11 +176,13 @@ def compare(
     command: str = "",
     quick: bool = False,
 ) -> dict[str, Any]:
-    """Run the matrix; a run that fails is kept with its one-line error, the sweep goes on."""
-    check_servers(matrix.designs)
+    """Run the matrix (and its latency curves); a run that fails is kept with its one-line
+    error, the sweep goes on."""
+    check_servers([*matrix.designs, *matrix.latency_curve])
     runs: list[dict[str, Any]] = []
     backend = make_backend()  # one for the sweep: it may keep a server running between runs
-    total = len(matrix.designs) * len(matrix.workloads) * len(matrix.concurrency) * matrix.repeats
+    cells = len(matrix.designs) * len(matrix.workloads) * len(matrix.concurrency)
+    total = cells * matrix.repeats + _curve_steps(matrix)
     done = 0
     for repeat in range(matrix.repeats):
         for name in matrix.designs:
@@ -184,40 +191,13 @@ def compare(
                     what = f"{name} {workload} ×{concurrency} (repeat {repeat + 1})"
                     progress(Step(done, total, what))
                     done += 1
-                    entry: dict[str, Any] = {
-                        "design": name,
-                        "workload": workload,
-                        "concurrency": concurrency,
-                        "repeat": repeat,
-                    }
-                    spec = server_spec(name, matrix.workers)
-                    try:
-                        config = make_config(
-                            "127.0.0.1",
-                            port=1,
-                            workload=workload,
-                            per_connection=matrix.per_connection
-                            if workload == "persistent"
-                            else None,
-                            size=matrix.size,
-                            concurrency=concurrency,
-                            duration=matrix.duration,
-                            warmup=matrix.warmup,
-                        )
-                        result = bench(backend, spec, config).to_dict()
-                        result["design"] = name  # the variant's name, not its base design
-                        entry.update(result)
-                    except (BenchError, LoadError, OSError) as exc:
-                        entry.update(
-                            backend=backend.name,
-                            server_options=list(spec.options),
-                            error=str(exc).splitlines()[0] if str(exc) else repr(exc),
-                        )
-                    runs.append(entry)
+                    entry = {"workload": workload, "concurrency": concurrency, "repeat": repeat}
+                    runs.append(_run(backend, matrix, name, entry))
+    curve = _latency_curve(backend, matrix, runs, progress, done, total)
     close = getattr(backend, "close", None)
     if close is not None:
         close()
-    return {
+    results = {
         "schema": SCHEMA,
         "run_id": run_id(),
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -228,6 +208,129 @@ def compare(
         "matrix": asdict(matrix),
         "runs": runs,
     }
+    if matrix.latency_curve:
+        results["latency_curve"] = curve
+    return results
+
+
+def _run(
+    backend: Backend, matrix: Matrix, name: str, entry: dict[str, Any], rate: float | None = None
+) -> dict[str, Any]:
+    """One measured run of ``name`` as ``entry`` describes it (workload, concurrency, …),
+    closed loop or, with ``rate``, open loop: ``entry`` completed with the result or the
+    one-line error."""
+    workload = entry["workload"]
+    entry = {"design": name, **entry}
+    spec = server_spec(name, matrix.workers)
+    try:
+        config = make_config(
+            "127.0.0.1",
+            port=1,
+            workload=workload,
+            per_connection=matrix.per_connection if workload == "persistent" else None,
+            size=matrix.size,
+            concurrency=entry["concurrency"],
+            rate=rate,
+            duration=matrix.duration,
+            warmup=matrix.warmup,
+        )
+        result = bench(backend, spec, config).to_dict()
+        result["design"] = name  # the variant's name, not its base design
+        entry.update(result)
+    except (BenchError, LoadError, OSError) as exc:
+        entry.update(
+            backend=backend.name,
+            server_options=list(spec.options),
+            error=str(exc).splitlines()[0] if str(exc) else repr(exc),
+        )
+    return entry
+
+
+# -- latency against offered load (the wrk2 way) ------------------------------------------------
+def _swept(matrix: Matrix, name: str) -> bool:
+    """Whether the sweep itself measures ``name``'s closed-loop throughput."""
+    return name in matrix.designs and CONNECT_PER_REQUEST in matrix.workloads
+
+
+def _curve_steps(matrix: Matrix) -> int:
+    steps = 0
+    for name in matrix.latency_curve:
+        steps += 0 if _swept(matrix, name) else 1  # a closed-loop run to find its maximum
+        steps += len(CURVE_FRACTIONS) * matrix.repeats
+    return steps
+
+
+def closed_loop_maximum(runs: list[dict[str, Any]], name: str) -> tuple[float, int] | None:
+    """``name``'s best connect-per-request closed-loop throughput (the best concurrency's
+    median over repeats) and that concurrency; None when nothing was measured."""
+    by_concurrency: dict[int, list[float]] = {}
+    for run in runs:
+        load = run.get("load") or {}
+        if (
+            run.get("design") == name
+            and run.get("workload") == CONNECT_PER_REQUEST
+            and "error" not in run
+            and not (load.get("config") or {}).get("rate")
+        ):
+            value = float(load.get("throughput_rps") or 0.0)
+            by_concurrency.setdefault(int(run["concurrency"]), []).append(value)
+    best = max(
+        ((statistics.median(v), c) for c, v in by_concurrency.items()),
+        default=None,
+    )
+    return best if best is not None and best[0] > 0 else None
+
+
+def _latency_curve(
+    backend: Backend,
+    matrix: Matrix,
+    runs: list[dict[str, Any]],
+    progress: Callable[[Step], None],
+    done: int,
+    total: int,
+) -> dict[str, Any]:
+    """Each design of ``matrix.latency_curve`` open loop, connect-per-request, at each of
+    :data:`CURVE_FRACTIONS` of its closed-loop maximum, with up to the sweep's highest
+    concurrency of connections in flight; latency runs from each request's intended send time.
+    The maximum is the sweep's own measurement of it, or one closed-loop run at that
+    concurrency when the sweep did not measure it."""
+    concurrency = max(matrix.concurrency)
+    maxima: dict[str, Any] = {}
+    curve_runs: list[dict[str, Any]] = []
+    for name in matrix.latency_curve:
+        found = closed_loop_maximum(runs, name)
+        maximum: dict[str, Any] = {"source": "the sweep"}
+        if not _swept(matrix, name):
+            progress(Step(done, total, f"{name} closed loop ×{concurrency}: its maximum"))
+            done += 1
+            entry = {"workload": CONNECT_PER_REQUEST, "concurrency": concurrency, "repeat": 0}
+            probe = _run(backend, matrix, name, entry)
+            found = closed_loop_maximum([probe], name)
+            maximum = {"source": "a closed-loop run for the curve"}
+            if "error" in probe:
+                maximum["error"] = probe["error"]
+        if found is not None:
+            maximum.update(throughput_rps=found[0], concurrency=found[1])
+        maxima[name] = maximum
+        for repeat in range(matrix.repeats):
+            for fraction in CURVE_FRACTIONS:
+                what = f"{name} open loop at {fraction:.0%} of its maximum (repeat {repeat + 1})"
+                progress(Step(done, total, what))
+                done += 1
+                entry = {
+                    "workload": CONNECT_PER_REQUEST,
+                    "concurrency": concurrency,
+                    "repeat": repeat,
+                    "fraction": fraction,
+                }
+                if found is None:
+                    curve_runs.append(
+                        {"design": name, **entry, "error": "no closed-loop maximum to take from"}
+                    )
+                    continue
+                rate = fraction * found[0]
+                curve_runs.append(_run(backend, matrix, name, {**entry, "rate": rate}, rate))
+    return {"fractions": list(CURVE_FRACTIONS), "maximum": maxima, "runs": curve_runs}
 
 
 # -- the environment a run records -----------------------------------------------------------------

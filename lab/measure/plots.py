@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lab.measure.report import Cell, Spread, cells_for, primary_workload, top_cells
+from lab.measure.report import Cell, CurvePoint, Spread, cells_for, primary_workload, top_cells
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -63,7 +63,10 @@ def _save(fig: Figure, out_dir: Path, filename: str, title: str) -> Plot:
 
 
 def draw(
-    cells: Sequence[Cell], designs: Sequence[str], out_dir: Path
+    cells: Sequence[Cell],
+    designs: Sequence[str],
+    out_dir: Path,
+    curve: Sequence[CurvePoint] = (),
 ) -> tuple[list[Plot], list[str]]:
     """Draw every plot into ``out_dir``: the plots drawn, and notes on what was skipped."""
     plots: list[Plot] = []
@@ -75,7 +78,51 @@ def draw(
         _latency(cells, designs, workload, out_dir, plots, notes)
     _cpu(cells, designs, out_dir, plots, notes)
     _workers(cells, designs, out_dir, plots, notes)
+    if curve:
+        _curve(curve, out_dir, plots, notes)
     return plots, list(dict.fromkeys(notes))
+
+
+def _curve(
+    points: Sequence[CurvePoint], out_dir: Path, plots: list[Plot], notes: list[str]
+) -> None:
+    """p50 (solid) and p99 (dashed) against the offered load, a line per design."""
+    fig = _figure()
+    ax = fig.add_subplot()
+    drawn = 0
+    for design in dict.fromkeys(p.design for p in points):
+        mine = sorted((p for p in points if p.design == design and p.runs), key=lambda p: p.offered)
+        if not mine:
+            notes.append(f"{design} (latency curve): no open-loop run completed — not plotted")
+            continue
+        color = None
+        for label, style in (("p50", "-"), ("p99", "--")):
+            shown = [(p.offered, p.latency[label]) for p in mine if label in p.latency]
+            if not shown:
+                continue
+            (line,) = ax.plot(
+                [x for x, _ in shown],
+                [max(s.median, 1.0) for _, s in shown],
+                style,
+                marker="o",
+                color=color,
+                label=f"{design} {label}",
+            )
+            color = line.get_color()
+            for x, spread in shown:
+                _repeats(ax, x, spread, color, floor=1.0)
+        drawn += 1
+    if not drawn:
+        notes.append("latency curve: nothing measured — plot skipped")
+        return
+    ax.set_yscale("log")
+    shares = ", ".join(f"{f:.0%}" for f in sorted({p.fraction for p in points}))
+    ax.set_xlabel(f"offered load, requests/s ({shares} of each design's maximum)")
+    ax.set_ylabel("latency µs from intended send (log; dots: repeats)")
+    ax.set_title("Latency vs offered load — open loop, connect-per-request")
+    ax.legend(fontsize="small", ncols=2)
+    ax.grid(True, alpha=0.3)
+    plots.append(_save(fig, out_dir, "latency-curve.png", "Latency vs offered load"))
 
 
 def _throughput(

@@ -24,9 +24,11 @@ __all__ = [
     "CONNECT_PER_REQUEST",
     "POOLED_PERCENTILES",
     "Cell",
+    "CurvePoint",
     "Spread",
     "aggregate",
     "cells_for",
+    "curve_points",
     "design_order",
     "render",
     "summary_table",
@@ -302,6 +304,90 @@ def _fill(cell: Cell, runs: Sequence[Mapping[str, Any]]) -> None:
         # Only a pool counts by worker: a design without per-worker counts has no pool.
         pools.append(max(_as_int(stats.get("workers_alive")), len(per_worker)) or None)
     cell.pool = Spread.of(pools)
+
+
+@dataclass
+class CurvePoint:
+    """Every repeat of one design's open-loop run at one share of its closed-loop maximum."""
+
+    design: str
+    fraction: float
+    offered: float  # requests/s asked for (the median over repeats)
+    runs: int = 0
+    failed: list[str] = field(default_factory=list)
+    throughput: Spread | None = None
+    latency: dict[str, Spread] = field(default_factory=dict)  # p50, p99 over repeats
+    errors: int = 0
+    unsent: int = 0
+
+
+def curve_points(results: Mapping[str, Any]) -> list[CurvePoint]:
+    """The latency curve's runs grouped by (design, share of its maximum), in run order."""
+    curve = results.get("latency_curve") or {}
+    groups: dict[tuple[str, float], list[Mapping[str, Any]]] = {}
+    for run in curve.get("runs", []):
+        groups.setdefault((str(run.get("design")), float(run.get("fraction") or 0.0)), []).append(
+            run
+        )
+    points = []
+    for (design, fraction), runs in groups.items():
+        rates = [float(r["rate"]) for r in runs if r.get("rate")]
+        point = CurvePoint(design, fraction, statistics.median(rates) if rates else 0.0)
+        loads = [r["load"] for r in runs if "error" not in r and isinstance(r.get("load"), Mapping)]
+        point.failed = [str(r["error"]) for r in runs if "error" in r]
+        point.runs = len(loads)
+        point.throughput = Spread.of(load.get("throughput_rps") for load in loads)
+        for label in ("p50", "p99"):
+            spread = Spread.of(
+                (load.get("latency_us") or {}).get(label)
+                for load in loads
+                if (load.get("latency_us") or {}).get("count", 1)
+            )
+            if spread is not None:
+                point.latency[label] = spread
+        point.errors = sum(_as_int(load.get("errors_total")) for load in loads)
+        point.unsent = sum(_as_int(load.get("unsent")) for load in loads)
+        points.append(point)
+    return points
+
+
+def curve_lines(results: Mapping[str, Any], points: Sequence[CurvePoint]) -> list[str]:
+    """The latency curve's section: each design's maximum, and a row per offered load."""
+    curve = results.get("latency_curve") or {}
+    lines = [
+        "## Latency under offered load",
+        "",
+        "Open loop (the wrk2 way): requests sent on a fixed schedule at a share of each "
+        "design's closed-loop maximum throughput, connect-per-request, latency measured from "
+        "each request's intended send time — so waiting in a queue is in it.",
+        "",
+    ]
+    for design, maximum in (curve.get("maximum") or {}).items():
+        if "throughput_rps" in maximum:
+            found = (
+                f"{maximum['throughput_rps']:,.0f} req/s closed loop at c={maximum['concurrency']}"
+            )
+        else:
+            found = f"not measured ({maximum.get('error', 'no closed-loop run')})"
+        lines.append(f"- {design}: maximum {found}, from {maximum.get('source', '?')}")
+    header = ["design", "offered", "req/s offered", "req/s achieved", "p50 µs", "p99 µs", "errors"]
+    rows = []
+    for point in points:
+        errors = f"{point.errors:,}" + (f", unsent {point.unsent:,}" if point.unsent else "")
+        if point.failed and not point.runs:
+            errors = f"FAILED: {point.failed[0]}"
+        rows.append(
+            [
+                point.design,
+                f"{point.fraction:.0%}",
+                f"{point.offered:,.0f}",
+                _cell_text(point.throughput),
+                _cell_text(point.latency.get("p50")),
+                _cell_text(point.latency.get("p99")),
+                errors,
+            ]
+        )
+    return [*lines, "", *_table(header, rows), ""]
 
 
 def design_order(results: Mapping[str, Any]) -> list[str]:
@@ -595,7 +681,11 @@ def render(results: Mapping[str, Any], out_dir: Path) -> Path:
             "",
         ]
 
-    drawn, notes = draw(cells, designs, out_dir)
+    points = curve_points(results)
+    if results.get("latency_curve"):
+        lines += curve_lines(results, points)
+
+    drawn, notes = draw(cells, designs, out_dir, points)
     lines += ["## Plots", ""]
     for plot in drawn:
         lines += [f"![{plot.title}]({plot.filename})", ""]
