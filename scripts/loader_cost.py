@@ -117,7 +117,8 @@ def main() -> None:
             a = statistics.median(ours[(concurrency, size)])
             b = statistics.median(theirs[(concurrency, size)])
             ratio = statistics.median(
-                x / y for x, y in zip(ours[(concurrency, size)], theirs[(concurrency, size)])
+                x / y
+                for x, y in zip(ours[(concurrency, size)], theirs[(concurrency, size)], strict=True)
             )
             print(f"c={concurrency:<3} {size:>5} B {a:>11.1f} {b:>15.1f} {ratio:>12.2f}")
         print(f"(medians of {args.rounds} interleaved rounds of {args.duration:g} s)")
