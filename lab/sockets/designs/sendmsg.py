@@ -50,7 +50,7 @@ from lab.sockets.echo import echo
 from lab.sockets.log import Log
 from lab.sockets.pool import PoolServer
 from lab.sockets.serving import Serving, set_timeouts
-from lab.sockets.stats import BUSY, IDLE, RECEIVED, STATE, Slot
+from lab.sockets.stats import BUSY, IDLE, RECEIVED, STATE, STOPPED, Slot
 
 TYPE_CHECKING = False  # typing is not imported at run time (see lab.sockets.base)
 if TYPE_CHECKING:
@@ -247,6 +247,10 @@ class SendmsgServer(PoolServer):
             if not self._send_blocking(lambda: self._send_stop()):
                 break
         self.wait_for_children()
+        # Descriptors still queued when the last worker went die with the channel: cut.
+        lost = self.queued()
+        if lost > 0:
+            self.stats.failed[STOPPED] += lost
 
     def _send_stop(self) -> bool:
         try:
