@@ -33,7 +33,7 @@ from lab.measure.process import LoaderProcess, gather
 from lab.measure.result import LoadResult, merge
 from lab.measure.target import Target, resolve_target
 
-__all__ = ["READY_TIMEOUT", "START_DELAY", "run_load"]
+__all__ = ["READY_TIMEOUT", "START_DELAY", "LoaderPool", "run_load"]
 
 #: Default start: this long after every loader process is ready.
 START_DELAY = 0.2
@@ -45,7 +45,31 @@ REPORT_SLACK = 30.0
 SPARE_DESCRIPTORS = 32
 
 
-def run_load(config: LoadConfig, *, target: Target | None = None) -> LoadResult:
+class LoaderPool:
+    """Loader processes kept between runs (a sweep's many short runs): each run takes as many
+    as it needs, started only when the pool has too few. A run that fails ends the processes
+    it used (their state is unknown); the others stay. :meth:`close` ends them all."""
+
+    def __init__(self) -> None:
+        self.idle: list[LoaderProcess] = []
+
+    def take(self, count: int) -> list[LoaderProcess]:
+        self.idle = [loader for loader in self.idle if loader.alive]
+        taken, self.idle = self.idle[:count], self.idle[count:]
+        return taken + [LoaderProcess() for _ in range(count - len(taken))]
+
+    def give_back(self, loaders: list[LoaderProcess]) -> None:
+        self.idle.extend(loaders)
+
+    def close(self) -> None:
+        for loader in self.idle:
+            loader.close()
+        self.idle = []
+
+
+def run_load(
+    config: LoadConfig, *, target: Target | None = None, pool: LoaderPool | None = None
+) -> LoadResult:
     """Run the load ``config`` describes and return the merged result.
 
     ``target`` skips resolving (it must come from :func:`~lab.measure.target.resolve_target`).
@@ -76,7 +100,7 @@ def run_load(config: LoadConfig, *, target: Target | None = None) -> LoadResult:
         )
         for i in range(config.processes)
     ]
-    results = _run_processes(config, plans)
+    results = _run_processes(config, plans, pool)
     start_at = results[0].start_at
     merged = merge(results)
     merged.config = dataclasses.replace(config, start_at=start_at).to_dict()
@@ -84,12 +108,19 @@ def run_load(config: LoadConfig, *, target: Target | None = None) -> LoadResult:
     return merged
 
 
-def _run_processes(config: LoadConfig, plans: list[LoaderPlan]) -> list[LoadResult]:
+def _run_processes(
+    config: LoadConfig, plans: list[LoaderPlan], pool: LoaderPool | None
+) -> list[LoadResult]:
     loaders: list[LoaderProcess] = []
     finished = False
     try:
-        for plan in plans:
-            loaders.append(LoaderProcess(plan))
+        if pool is None:
+            for plan in plans:
+                loaders.append(LoaderProcess(plan))
+        else:
+            loaders = pool.take(len(plans))
+            for loader, plan in zip(loaders, plans, strict=True):
+                loader.assign(plan)
         gather(loaders, "ready", time.monotonic() + READY_TIMEOUT)
         start_at = config.start_at if config.start_at is not None else time.time() + START_DELAY
         for loader in loaders:
@@ -100,6 +131,9 @@ def _run_processes(config: LoadConfig, plans: list[LoaderPlan]) -> list[LoadResu
         finished = True
         return [LoadResult.from_dict(report) for report in reports]
     finally:
-        # On any failure (or Ctrl-C) the others are ended at once, not left to run out.
-        for loader in loaders:
-            loader.close(kill=not finished)
+        if pool is not None and finished:
+            pool.give_back(loaders)
+        else:
+            # On any failure (or Ctrl-C) the others are ended at once, not left to run out.
+            for loader in loaders:
+                loader.close(kill=not finished)

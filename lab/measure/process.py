@@ -11,6 +11,10 @@ script. The conversation, one JSON object per line:
 4. child → parent: ``{"result": …}`` (a :class:`~lab.measure.result.LoadResult` as a dict), or
    ``{"error": "one line"}``.
 
+After a result the child waits for its next plan (1. again): a :class:`~lab.measure.load.LoaderPool`
+keeps loader processes between runs, so a sweep of many short runs does not pay a Python start
+per loader per run. End of input at any point: the child exits.
+
 The child ignores SIGINT (Ctrl-C reaches the whole process group; the parent decides) and its
 run is bounded by the plan's duration, so it ends by itself even if the parent is gone.
 """
@@ -41,8 +45,8 @@ MAX_MESSAGE = 16 * 1024 * 1024
 class LoaderProcess:
     """The parent's handle on one loader process."""
 
-    def __init__(self, plan: LoaderPlan) -> None:
-        self.index = plan.index
+    def __init__(self, plan: LoaderPlan | None = None) -> None:
+        self.index = plan.index if plan is not None else 0
         # Closed in close(): it outlives this method.
         self._stderr: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115
         self.proc = subprocess.Popen(
@@ -53,7 +57,17 @@ class LoaderProcess:
             close_fds=True,
         )
         self._buffer = b""
+        if plan is not None:
+            self.send(plan.to_dict())
+
+    def assign(self, plan: LoaderPlan) -> None:
+        """The next run's plan (a process kept by a pool)."""
+        self.index = plan.index
         self.send(plan.to_dict())
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
 
     @property
     def fd(self) -> int:
@@ -154,15 +168,19 @@ def main() -> int:
         out.flush()
 
     try:
-        plan = LoaderPlan.from_dict(json.loads(sys.stdin.readline()))
-        raise_descriptor_limit(plan.connections + 32)
-        loader = Loader(plan)
-        say({"ready": True})
-        line = sys.stdin.readline()
-        if not line:
-            return 0  # the parent stood us down
-        start_at = float(json.loads(line)["start_at"])
-        say({"result": loader.run(start_at).to_dict()})
+        while True:
+            line = sys.stdin.readline()
+            if not line:
+                return 0  # no more plans
+            plan = LoaderPlan.from_dict(json.loads(line))
+            raise_descriptor_limit(plan.connections + 32)
+            loader = Loader(plan)
+            say({"ready": True})
+            line = sys.stdin.readline()
+            if not line:
+                return 0  # the parent stood us down
+            start_at = float(json.loads(line)["start_at"])
+            say({"result": loader.run(start_at).to_dict()})
     except BrokenPipeError:
         return 1
     except Exception as exc:
