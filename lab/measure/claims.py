@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from lab.measure.compare import CONTROLS, GROWING, POOL_DESIGNS
+from lab.measure.compare import CONTROLS, GROWING, POOL_DESIGNS, VARIANTS
 from lab.measure.report import CONNECT_PER_REQUEST, Cell, Spread, aggregate, cells_for
 from lab.sockets.designs import DESIGNS
 
@@ -45,6 +45,10 @@ UNCLEAR = " (not clearly apart: the spreads overlap, or differ by less than the 
 POOL_FACTOR = 10.0
 
 POOLS = POOL_DESIGNS
+#: spawn with another worker program (``--worker-cmd``): the process without the interpreter.
+SPAWN_OTHER = next(
+    (n for n, v in VARIANTS.items() if v.design == "spawn" and "--worker-cmd" in v.options), None
+)
 #: The chapter's own designs (claim 4's "the four"): those whose origin is the chapter.
 CHAPTER = tuple(name for name, design in DESIGNS.items() if design.origin.startswith("the chapter"))
 
@@ -213,7 +217,7 @@ def _spawn(cells: Sequence[Cell]) -> Claim:
         "spawn: creating a process per connection costs performance",
         "docs/designs/spawn.md",
         "server CPU ms per request, spawn vs the pools (multi-accept, sendmsg), "
-        "connect-per-request at equal concurrency; spawn+cat vs spawn",
+        f"connect-per-request at equal concurrency; {SPAWN_OTHER} vs spawn",
     )
 
     def judge(spawn: Cell, pools: Sequence[Cell]) -> tuple[Verdict, str]:
@@ -238,13 +242,13 @@ def _spawn(cells: Sequence[Cell]) -> Claim:
         return Claim(*claim, INCONCLUSIVE, _no_data(reasons, "no common concurrency"))
     evidence = _lines(lines, 1)
     spawn = cells_for(cells, "spawn", CONNECT_PER_REQUEST)
-    cat = cells_for(cells, "spawn+cat", CONNECT_PER_REQUEST)
+    cat = cells_for(cells, SPAWN_OTHER, CONNECT_PER_REQUEST) if SPAWN_OTHER else {}
     common = [c for c in sorted(spawn) if c in cat and spawn[c].usable and cat[c].usable]
     if common:
         s, k = _cpu(spawn[common[-1]]), _cpu(cat[common[-1]])
         if s is not None and k is not None and s.median > 0:
             evidence += (
-                f"\nc={common[-1]}: spawn+cat {_fmt(k)} vs spawn {_fmt(s)} ms/req: the process "
+                f"\nc={common[-1]}: {SPAWN_OTHER} {_fmt(k)} vs spawn {_fmt(s)} ms/req: the process "
                 f"alone (cat) costs {k.median / s.median:.0%} of spawning the interpreter"
             )
     return Claim(*claim, verdict, evidence)
