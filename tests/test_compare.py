@@ -12,6 +12,7 @@ from lab.measure import compare as sweep
 from lab.measure.bench import BenchError, LocalBackend
 from lab.measure.claims import INCONCLUSIVE, evaluate
 from lab.measure.report import aggregate, cells_for, render
+from lab.sockets.designs import DESIGNS
 
 TINY = sweep.Matrix(
     sweep.all_servers(),  # every design, variant and peer
@@ -214,11 +215,18 @@ def test_unknown_design_names_the_valid_ones() -> None:
         sweep.check_servers(["iterative", "nope"])
 
 
-def test_quick_matrix_is_one_repeat_of_short_runs() -> None:
-    matrix = sweep.quick_matrix(sweep.all_servers(), workers=2)
-    assert matrix.repeats == 1 and matrix.duration <= 1.0
-    assert matrix.designs == sweep.all_servers()  # every design, variant and peer
-    assert set(sweep.all_servers()) >= {"iterative", "spawn+cat", "peer-socat"}
+def test_quick_compare_is_three_repeats_of_the_chapter_designs_and_their_c_peers() -> None:
+    servers = sweep.quick_servers()
+    matrix = sweep.quick_matrix(servers, workers=2)
+    assert matrix.repeats == 3 and matrix.duration <= 1.0 and len(matrix.concurrency) == 2
+    # one concurrency beyond the iterative design's backlog: claim 1 has its case
+    assert max(matrix.concurrency) > DESIGNS["iterative"].default_backlog + 1
+    assert set(servers) >= {"iterative", "spawn", "sendmsg", "multi-accept", "fork", "spawn+cat"}
+    # the C peer of every family there, derived from the designs (not a hand-kept list)
+    for name in servers:
+        if sweep.c_peer(name) is not None:
+            assert sweep.c_peer(name) in servers
+    assert set(sweep.all_servers()) >= set(servers) | {"peer-socat"}
 
 
 def test_compare_command_writes_results_and_report_and_report_rerenders(tmp_path: Path) -> None:

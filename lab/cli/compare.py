@@ -68,7 +68,12 @@ def compare(
     designs: Annotated[
         str | None, typer.Option(help="comma-separated (default: every design, variant, peer)")
     ] = None,
-    quick: Annotated[bool, typer.Option(help="all designs in a few minutes: 1 repeat")] = False,
+    quick: Annotated[
+        bool,
+        typer.Option(
+            help="a few minutes: the chapter's designs, fork, spawn+cat, C peers; 3 repeats"
+        ),
+    ] = False,
     local: Annotated[bool, typer.Option(help="local processes on loopback, no Docker")] = False,
     concurrency: Annotated[str | None, typer.Option(help="sweep, e.g. 1,8,64,256")] = None,
     repeats: Annotated[int | None, typer.Option(min=1, help="runs per cell")] = None,
@@ -93,7 +98,7 @@ def compare(
 
     with user_errors("lab compare"):
         try:
-            names = _csv(designs) or sweep.all_servers()
+            names = _csv(designs) or (sweep.quick_servers() if quick else sweep.all_servers())
             sweep.check_servers(names)
             curve = _csv(latency_curve) or []
             sweep.check_servers(curve)
@@ -117,7 +122,7 @@ def compare(
         if local:
 
             def make_backend() -> Any:
-                return LocalBackend()
+                return LocalBackend(keep=True)
         else:
             from lab.orchestration.bench import DockerBackend, describe
 

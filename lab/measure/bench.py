@@ -40,7 +40,7 @@ from typing import Any, Protocol
 
 from lab.measure import probe
 from lab.measure.config import LoadConfig
-from lab.measure.load import run_load
+from lab.measure.load import LoaderPool, run_load
 from lab.measure.peers import PEERS
 from lab.measure.result import LoadResult
 
@@ -132,13 +132,20 @@ def bench(backend: Backend, server: ServerSpec, config: LoadConfig) -> BenchResu
         config = _retarget(config, host, port)
         with CpuTrace(backend.cpu_seconds) as cpu:
             # The idle rate is measured under the same observation as the run (both samplers
-            # running), so what observing costs the server — a `docker exec` per reading in a
-            # container — is subtracted with it.
-            with probe.Sampler(backend.memory_bytes):
-                idle_start = time.time()
-                time.sleep(IDLE_WINDOW)
-                idle_end = time.time()
-            idle_rate = cpu.between(idle_start, idle_end) / max(idle_end - idle_start, 1e-9)
+            # running), so what observing costs the server is subtracted with it — once per
+            # server start: a sweep's later runs on the same server reuse it.
+            generation = getattr(backend, "generation", None)
+            cached = getattr(backend, "idle_measured", None)
+            if generation is not None and cached is not None and cached[0] == generation:
+                idle_rate = float(cached[1])
+            else:
+                with probe.Sampler(backend.memory_bytes):
+                    idle_start = time.time()
+                    time.sleep(IDLE_WINDOW)
+                    idle_end = time.time()
+                idle_rate = cpu.between(idle_start, idle_end) / max(idle_end - idle_start, 1e-9)
+                if generation is not None:
+                    backend.idle_measured = (generation, idle_rate)  # type: ignore[attr-defined]
             before = backend.stats()
             overflows = backend.listen_overflows()
             with probe.Sampler(backend.memory_bytes) as memory:
@@ -254,13 +261,24 @@ class LocalBackend:
 
     name = "local"
 
-    def __init__(self, pin: bool = False) -> None:
+    def __init__(self, pin: bool = False, keep: bool = False) -> None:
         self.pin = pin and (os.cpu_count() or 1) >= 2
+        # keep: a sweep — the server runs on between runs of the same spec, and the loader
+        # processes stay up (close() ends both); otherwise every run stops the server.
+        self.keep = keep
+        self.pool = LoaderPool() if keep else None
         self.proc: subprocess.Popen[str] | None = None
+        self.running: ServerSpec | None = None
+        self.port = 0
+        self.generation = 0  # counts server starts (bench() measures idle once per start)
         self.lines: list[str] = []
         self._cond = threading.Condition()
 
     def start(self, server: ServerSpec) -> tuple[str, int]:
+        if self.running == server and self.proc is not None and self.proc.poll() is None:
+            return "127.0.0.1", self.port
+        self._stop_server()
+        self.generation += 1
         if server.peer:
             command = [sys.executable, "-m", "lab.measure.peers", server.peer, *server.options]
         else:
@@ -288,7 +306,8 @@ class LocalBackend:
         line = self._wait_for(_READY, READY_TIMEOUT, start)
         match = _READY.search(line)
         assert match is not None
-        return "127.0.0.1", int(match.group(3))
+        self.running, self.port = server, int(match.group(3))
+        return "127.0.0.1", self.port
 
     def _read(self, proc: subprocess.Popen[str]) -> None:
         assert proc.stdout is not None
@@ -335,15 +354,27 @@ class LocalBackend:
 
     def load(self, config: LoadConfig) -> LoadResult:
         if not self.pin:
-            return run_load(config)
+            return run_load(config, pool=self.pool)
         mask = os.sched_getaffinity(0)
         os.sched_setaffinity(0, {1})  # the loader processes inherit it
         try:
-            return run_load(config)
+            return run_load(config, pool=self.pool)
         finally:
             os.sched_setaffinity(0, mask)
 
     def stop(self) -> None:
+        """After a run: the server stops, unless this backend keeps it for a sweep."""
+        if not self.keep:
+            self._stop_server()
+
+    def close(self) -> None:
+        """After a sweep: the server and the kept loader processes end."""
+        self._stop_server()
+        if self.pool is not None:
+            self.pool.close()
+
+    def _stop_server(self) -> None:
+        self.running = None
         if self.proc is None or self.proc.poll() is not None:
             return
         os.kill(self.pid, signal.SIGTERM)

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import json
+import dataclasses
 import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 from lab.measure import probe
 from lab.measure.bench import BenchError, ServerSpec
@@ -25,6 +25,7 @@ from lab.measure.result import LoadResult, merge
 from lab.orchestration import stack
 from lab.orchestration.compose import PROJECT_LABEL, SERVICE_LABEL
 from lab.orchestration.engine import LABELS, PROJECT, LabError, client
+from lab.orchestration.loaders import LateStart, LoaderSession
 from lab.orchestration.readings import ContainerReader
 
 if TYPE_CHECKING:
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
 SERVER_HOST = "bakawali"
 SERVER_PORT = 12345
 # Seconds between sending the loaders off and their shared start time, tried in turn.
-START_LEADS = (2.0, 6.0, 15.0)
+START_LEADS = (0.5, 3.0, 10.0)
 
 
 def describe() -> dict[str, Any]:
@@ -64,48 +65,20 @@ def options_env(options: tuple[str, ...]) -> dict[str, str]:
     return env
 
 
-def load_argv(config: LoadConfig, start_at: float, share: int, parts: int) -> list[str]:
-    """The `lab load` command one client container runs: its share of the concurrency (and of
-    the rate and request count), the common start time, JSON out."""
-    concurrency = config.concurrency // parts + (1 if share < config.concurrency % parts else 0)
-    concurrency = max(1, concurrency)
-    argv = [
-        "lab",
-        "load",
-        config.host,
-        "--json",
-        "--port",
-        str(config.port),
-        "--workload",
-        config.workload,
-        "--size",
-        str(config.size),
-        "--concurrency",
-        str(concurrency),
-        "--processes",
-        str(min(config.processes, concurrency)),
-        "--duration",
-        str(config.duration),
-        "--warmup",
-        str(config.warmup),
-        "--start-at",
-        f"{start_at:.3f}",
-        "--starve-after",
-        str(config.starve_after),
-        "--timeout",
-        str(config.timeout),
-    ]
-    if config.persistent:
-        argv += ["--per-connection", str(config.per_connection)]
-    if config.rate is not None:
-        argv += ["--rate", str(config.rate / parts)]
-    if config.requests is not None:
-        argv += ["--requests", str(max(1, config.requests // parts))]
-    return argv
-
-
-class _LateStart(LabError):
-    """A loader began after the shared start time (a busy machine): it did not run."""
+def share_config(config: LoadConfig, start_at: float, share: int, parts: int) -> LoadConfig:
+    """One client container's share of a load: of the concurrency (and of the rate and the
+    request count), with the common start time."""
+    concurrency = max(
+        1, config.concurrency // parts + (1 if share < config.concurrency % parts else 0)
+    )
+    return dataclasses.replace(
+        config,
+        concurrency=concurrency,
+        processes=min(config.processes, concurrency),
+        start_at=start_at,
+        rate=config.rate / parts if config.rate is not None else None,
+        requests=max(1, config.requests // parts) if config.requests is not None else None,
+    )
 
 
 @dataclass(frozen=True)
@@ -136,6 +109,8 @@ class DockerBackend:
         self._found: _Found | None = None  # the lab before the first start; None once restored
         self._reader: ContainerReader | None = None  # of the server now running
         self._notes: set[str] = set()
+        self._sessions: dict[str, LoaderSession] = {}  # container id → its load service
+        self.generation = 0  # counts server starts (bench() measures idle once per start)
 
     # -- the server ---------------------------------------------------------------------------
     def start(self, server: ServerSpec) -> tuple[str, int]:
@@ -149,13 +124,16 @@ class DockerBackend:
             if self.peer is None or (self.peer_name, self.peer_options) != wanted:
                 self._remove_peer()
                 self._start_peer(server.peer, server.options)
+                self.generation += 1
             return SERVER_HOST, SERVER_PORT
         self._remove_peer()
         running = [c for c in stack.containers(self.engine, self.project) if c.status == "running"]
         if not running:
             stack.up(server.design, self.clients, project=self.project, extra_env=env)
+            self.generation += 1
         elif self._current != (server.design, env) or not self._server_running():
             stack.switch(server.design, self.project, extra_env=env)
+            self.generation += 1
         self._current = (server.design, env)
         self._apply_pinning()
         return SERVER_HOST, SERVER_PORT
@@ -280,10 +258,12 @@ class DockerBackend:
         atexit.register(self.close)
 
     def close(self) -> None:
-        """After a run or a sweep: the lab as it was found. The peer goes; the server that ran
-        before is back (its design and settings, healthy) and the clients are unpinned; a lab
-        the bench started is removed. If that fails, one line on stderr says what was left."""
+        """After a run or a sweep: the loaders' services end and the lab is as it was found: the
+        peer goes; the server that ran before is back (its design and settings, healthy) and
+        the clients are unpinned; a lab the bench started is removed. If that fails, one line
+        on stderr says what was left."""
         atexit.unregister(self.close)
+        self._close_sessions()
         self._remove_peer()
         self._reader, self._current = None, None
         found, self._found = self._found, None
@@ -337,32 +317,34 @@ class DockerBackend:
         # began later than the warm-up allows missed part of the window, so run again with a
         # longer lead (bounded). One that began so late that the start time had passed refuses
         # to run at all: the same, try a longer lead.
+        sessions = [self._session(container) for container in loaders]
+        timeout = config.warmup + config.duration + 60.0
         for lead in START_LEADS:
             start_at = time.time() + lead
-            argvs = [load_argv(config, start_at, i, len(loaders)) for i in range(len(loaders))]
+            configs = [share_config(config, start_at, i, len(loaders)) for i in range(len(loaders))]
             try:
                 with ThreadPoolExecutor(len(loaders)) as pool:
-                    outputs = list(pool.map(self._run_loader, loaders, argvs))
-            except _LateStart:
+                    outputs = list(pool.map(lambda s, c: s.run(c, timeout), sessions, configs))
+            except LateStart:
                 if lead == START_LEADS[-1]:
                     raise
                 continue
+            except LabError:
+                self._close_sessions()  # a service in an unknown state: start afresh next time
+                raise
             result = merge(LoadResult.from_dict(output) for output in outputs)
             if result.loader_start_lag_s <= config.warmup:
                 break
         return result
 
-    @staticmethod
-    def _run_loader(container: Container, argv: list[str]) -> dict[str, Any]:
-        result = container.exec_run(argv, demux=True)
-        # demux=True gives (stdout, stderr), each bytes or None; the stubs do not know that.
-        streams = cast(tuple[bytes | None, bytes | None], result.output)
-        out, err = streams[0] or b"", streams[1] or b""
-        if result.exit_code != 0:
-            last = (err or out).decode("utf-8", "replace").strip().splitlines()
-            late = bool(last) and "--start-at" in last[-1] and "in the past" in last[-1]
-            raise (_LateStart if late else LabError)(
-                f"the loader in {container.name} failed: {last[-1] if last else result.exit_code}"
-            )
-        data: dict[str, Any] = json.loads(out)
-        return data
+    def _session(self, container: Container) -> LoaderSession:
+        """The load service of ``container``, started on its first load (see loaders.py)."""
+        session = self._sessions.get(str(container.id))
+        if session is None:
+            session = self._sessions[str(container.id)] = LoaderSession(self.engine, container)
+        return session
+
+    def _close_sessions(self) -> None:
+        for session in self._sessions.values():
+            session.close()
+        self._sessions = {}
