@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """The lab's designs against C (and stdlib) servers of the same family, side by side.
 
-Runs each server under the same closed-loop load on loopback (`lab bench --local`: 2 workers,
+Runs each server under the same closed-loop load on loopback (`lab bench --local`: 2 workers —
+the iterative design against the C prefork with one —
 49-byte messages, concurrency 8), connect-per-request and persistent (100 messages per
 connection), for ROUNDS interleaved rounds (A B C … A B C …, so a machine that drifts affects
 every server alike), and prints the median server CPU per connection and per message with the
@@ -26,7 +27,8 @@ ROWS = [
     ("peer-c-prefork", "peer-c-prefork", TWO, None),
     ("multi-accept", "multi-accept", TWO, "peer-c-prefork"),
     ("sendmsg", "sendmsg", (*TWO, "--max-workers", "2"), "peer-c-prefork"),
-    ("iterative", "iterative", (), "peer-c-prefork"),
+    ("peer-c-prefork-1", "peer-c-prefork", ("--workers", "1"), None),
+    ("iterative", "iterative", (), "peer-c-prefork-1"),
     ("peer-c-fork", "peer-c-fork", (), None),
     ("peer-forking", "peer-forking", (), None),
     ("fork", "fork", (), "peer-forking"),

@@ -34,7 +34,7 @@ def echo(fd: int, serving: Serving) -> tuple[str, int, int]:
     tracing = serving.tracing
     log = serving.log
     bytes_in = bytes_out = last = 0
-    out = view[:0]
+    out = view  # replaced by view[:n] at the first message (n > 0 differs from last = 0)
     serving.current = fd
     if serving.cut:  # the grace period ran out between accept() and here
         serving.current = -1

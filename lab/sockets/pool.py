@@ -10,6 +10,7 @@ counts survive the worker.
 
 from __future__ import annotations
 
+import gc
 import signal
 import time
 from collections import deque
@@ -46,6 +47,9 @@ class PoolServer(Server):
         return [pid for pid, role in self.children.items() if role == "worker"]
 
     def start(self) -> None:
+        # Objects made so far never need the cycle collector again: gc.freeze() keeps a full
+        # collection in a worker from scanning (and copying, page by page) the parent's heap.
+        gc.freeze()
         self.maintain_pool()
 
     def spawn_worker(self) -> int:
