@@ -59,7 +59,12 @@ lint: venv
 # wheelhouse), the server and three clients up, their first session's transcript and a table.
 # Then every design and peer compared on it (lab compare --quick, a few minutes): the report's
 # folder and its summary table close the output.
-lab: venv cpeer
+# On a fresh machine the base image (debootstrap, about a minute) is built while pip installs
+# the venv: both mostly wait on the network. build.sh is a no-op when the image exists.
+lab: cpeer
+	@mkdir -p build; images/base/build.sh >build/base-image.log 2>&1 & base=$$!; \
+	$(MAKE) --no-print-directory venv || { kill $$base; exit 1; }; \
+	wait $$base || { tail -n 5 build/base-image.log >&2; exit 1; }
 	$(VENV)/bin/lab down >/dev/null
 	$(VENV)/bin/lab up --design $(DESIGN) --transcript
 	$(VENV)/bin/lab compare --quick

@@ -120,7 +120,7 @@ def quick_matrix(designs: list[str], workers: int) -> Matrix:
     """A few minutes: short runs at two concurrencies (one beyond the iterative backlog, so
     claim 1 has its case), both workloads, three repeats — the claims need spreads."""
     return Matrix(
-        designs, concurrency=[1, 16], repeats=3, duration=1.0, warmup=0.2, workers=workers
+        designs, concurrency=[1, 16], repeats=3, duration=0.8, warmup=0.15, workers=workers
     )
 
 

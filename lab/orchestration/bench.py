@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 SERVER_HOST = "bakawali"
 SERVER_PORT = 12345
 # Seconds between sending the loaders off and their shared start time, tried in turn.
-START_LEADS = (0.5, 3.0, 10.0)
+START_LEADS = (0.3, 2.0, 8.0)
 
 
 def describe() -> dict[str, Any]:
