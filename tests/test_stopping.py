@@ -9,6 +9,7 @@ KillMode=control-group) is an orderly stop too: no worker is replaced or reporte
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import threading
@@ -32,9 +33,11 @@ def args_for(design: str) -> list[str]:
 def test_sigterm_under_steady_load_cuts_no_accepted_connection(
     design: str, start_server: ServerFactory
 ) -> None:
-    server = start_server(design, "--grace", "3", "--backlog", "64", *args_for(design))
+    # The load outlasts the grace period: a server that kept accepting newcomers while
+    # stopping would still hold connections when the deadline cut them.
+    server = start_server(design, "--grace", "2", "--backlog", "64", *args_for(design))
     config = make_config(
-        "127.0.0.1", port=server.port, concurrency=8, duration=2.5, warmup=0.1, processes=2
+        "127.0.0.1", port=server.port, concurrency=8, duration=5.0, warmup=0.1, processes=2
     )
     results = []
     loader = threading.Thread(target=lambda: results.append(run_load(config)))
@@ -66,7 +69,8 @@ def test_sigterm_to_the_process_group_is_an_orderly_stop(
         assert busy.recv(100) == b"still here"  # served on through the grace period
     assert server.wait(30) == 0
     text = "\n".join(server.lines)
-    assert "replacement" not in text and "exited with" not in text, text
+    # no notice about a worker or child: they left because they were told to
+    assert not re.search(r"lab: (worker|child) \d+", text), text
     assert "Traceback" not in text, text
 
 
