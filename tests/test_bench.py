@@ -112,7 +112,7 @@ def test_cpu_trace_brackets_its_block_and_skips_failed_readings() -> None:
     with CpuTrace(read, interval=3600) as trace:  # no reading in between: on entry, on exit
         pass
     assert [v for _, v in trace.samples] == [1.0, 2.0]
-    trace._sample()  # a failed reading is left out
+    trace.tick()  # a failed reading is left out
     assert len(trace.samples) == 2
 
 

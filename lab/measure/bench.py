@@ -188,36 +188,20 @@ def _settled_stats(backend: Backend) -> dict[str, Any] | None:
         time.sleep(CPU_SAMPLE)
 
 
-class CpuTrace:
+class CpuTrace(probe.Periodic):
     """The server's CPU read every ``interval`` seconds in a thread, each reading stamped with
     the UNIX time, so the CPU of any window of the run can be read afterwards (:meth:`between`,
     interpolated linearly between the readings around each end). One reading is taken on entry
     and one on exit, so the trace brackets everything done inside the ``with``."""
 
+    bracket = True
+
     def __init__(self, read: Callable[[], float], interval: float = CPU_SAMPLE) -> None:
         self.read = read
         self.interval = interval
         self.samples: list[tuple[float, float]] = []
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
-    def __enter__(self) -> CpuTrace:
-        self._sample()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        self._sample()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            self._sample()
-
-    def _sample(self) -> None:
+    def tick(self) -> None:
         began = time.time()
         try:
             value = self.read()

@@ -22,9 +22,9 @@ import re
 import threading
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 ReadFile = Callable[[str], str | None]  # path → contents, or None when it does not exist
 
@@ -231,37 +231,55 @@ def stats_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]
     return delta
 
 
-# -- sampling where there is no peak counter ------------------------------------------------------
-@dataclass
-class Sampler:
-    """Calls ``measure`` every ``interval`` seconds in a thread; keeps the peak and the mean."""
+# -- sampling in the background -----------------------------------------------------------------
+class Periodic:
+    """Inside a ``with``: :meth:`tick` every ``interval`` seconds in a daemon thread — first at
+    once — and, when ``bracket``, once more on exit (so the readings span the whole block)."""
 
-    measure: Callable[[], int]
     interval: float = 0.1
-    peak: int = 0
-    samples: list[int] = field(default_factory=list)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
+    bracket: bool = False
 
-    def __enter__(self) -> Sampler:
+    def tick(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self._stop = threading.Event()
+        if self.bracket:
+            self.tick()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
+        self._thread.join()
+        if self.bracket:
+            self.tick()
 
     def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                value = self.measure()
-            except (OSError, ValueError):
-                value = 0
-            self.samples.append(value)
-            self.peak = max(self.peak, value)
-            self._stop.wait(self.interval)
+        if not self.bracket:
+            self.tick()
+        while not self._stop.wait(self.interval):
+            self.tick()
+
+
+class Sampler(Periodic):
+    """Calls ``measure`` every ``interval`` seconds in a thread; keeps the peak and the mean
+    (memory, where there is no peak counter)."""
+
+    def __init__(self, measure: Callable[[], int], interval: float = 0.1) -> None:
+        self.measure = measure
+        self.interval = interval
+        self.peak = 0
+        self.samples: list[int] = []
+
+    def tick(self) -> None:
+        try:
+            value = self.measure()
+        except (OSError, ValueError):
+            value = 0
+        self.samples.append(value)
+        self.peak = max(self.peak, value)
 
     @property
     def mean(self) -> float:
