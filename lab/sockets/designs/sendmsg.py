@@ -59,7 +59,9 @@ if TYPE_CHECKING:
 CONNECTION = b"c"  # a message carrying a descriptor
 STOP = b"q"  # a message telling one worker to leave (after everything queued before it)
 RETIRING = 2  # a slot's STATE: an extra worker leaving after --worker-idle idle seconds
-_FD_SPACE = socket.CMSG_SPACE(array.array("i").itemsize)
+_FD = struct.Struct("i")  # one descriptor in an SCM_RIGHTS control message (a C int)
+_FD_SPACE = socket.CMSG_SPACE(_FD.size)
+_MESSAGE = [CONNECTION]  # sendmsg()'s buffers, the same list every time
 
 
 def unsent_bytes(sock: socket.socket) -> int:
@@ -138,7 +140,7 @@ class SendmsgServer(PoolServer):
         return sum(1 for s in self.counters.live() if s.get(STATE) == IDLE)
 
     def grow_if_needed(self) -> bool:
-        if len(self.workers) >= self.config.pool_max:
+        if len(self.children) >= self.config.pool_max:  # every child here is a worker
             return False
         queued = self.queued()
         if queued <= 0 or queued <= self.idle_workers():
@@ -193,9 +195,7 @@ class SendmsgServer(PoolServer):
         """Whether the connection was dealt with (queued, or shed for good reason); False: the
         queue is full, try again when it has room."""
         try:
-            self.channel.sendmsg(
-                [CONNECTION], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))]
-            )
+            self.channel.sendmsg(_MESSAGE, [(socket.SOL_SOCKET, socket.SCM_RIGHTS, _FD.pack(fd))])
         except (BlockingIOError, InterruptedError):
             return False
         except OSError as exc:
@@ -328,6 +328,10 @@ class DescriptorWorker:
 
 
 def _descriptor(ancillary: list[tuple[int, int, bytes]]) -> int | None:
+    if len(ancillary) == 1:  # the usual: one control message with one descriptor
+        level, kind, data = ancillary[0]
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS and len(data) == _FD.size:
+            return int(_FD.unpack(data)[0])
     fds = array.array("i")
     for level, kind, data in ancillary:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
