@@ -8,8 +8,7 @@ import shutil
 import socket
 import time
 
-import pytest
-from harness import ServerFactory, cpu_seconds, server_command, wait_until
+from harness import ServerFactory, cpu_seconds, require, server_command, wait_until
 
 from lab.sockets.config import ServerConfig
 from lab.sockets.designs.sendmsg import CONNECTION, SendmsgServer, unsent_bytes
@@ -56,8 +55,8 @@ def test_descriptors_really_queued_with_no_idle_worker_grow_the_pool() -> None:
     assert pool.queued() == 0
 
 
-@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv (util-linux)")
 def test_etoomanyrefs_sheds_connections_without_spinning(start_server: ServerFactory) -> None:
+    require(shutil.which("setpriv") is not None, "needs setpriv (Debian: util-linux)")
     # The kernel refuses more descriptors in flight than RLIMIT_NOFILE to a process without
     # CAP_SYS_RESOURCE/CAP_SYS_ADMIN: drop every capability (we may be root) and lower the limit.
     command = [

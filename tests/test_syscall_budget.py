@@ -21,7 +21,14 @@ import time
 from pathlib import Path
 
 import pytest
-from harness import ALL_DESIGNS, POOL_DESIGNS, RunningServer, ServerFactory, descendants
+from harness import (
+    ALL_DESIGNS,
+    POOL_DESIGNS,
+    RunningServer,
+    ServerFactory,
+    descendants,
+    require,
+)
 
 from lab.sockets.base import MESSAGE_BUDGET
 from lab.sockets.designs import DESIGNS
@@ -35,10 +42,10 @@ SLACK = 0.15  # per name: strace's attach and detach, a stray wake-up
 RESTARTED = {"clone", "clone3"}
 RUNTIME = {"gettid": 1, "set_robust_list": 1, "rseq": 1, "restart_syscall": 1}
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("strace") is None and not __import__("os").environ.get("CI"),
-    reason="strace is not installed (make test installs it)",
-)
+
+@pytest.fixture(autouse=True)
+def _strace() -> None:
+    require(shutil.which("strace") is not None, "strace is not installed (make test installs it)")
 
 
 def drive(port: int, connections: int, messages: int) -> None:
