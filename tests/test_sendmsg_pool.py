@@ -23,7 +23,6 @@ class Pool(SendmsgServer):
         self.channel, self.worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.channel.setblocking(False)
         self.sent = self.received_gone = 0
-        self.extra: set[int] = set()
         self.started = 0
         self.worker = self.counters.assign()
         self.counters.bind(self.worker, 4242)

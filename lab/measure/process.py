@@ -188,7 +188,6 @@ def main() -> int:
         with contextlib.suppress(OSError):
             say({"error": f"{type(exc).__name__}: {exc}"})
         return 1
-    return 0
 
 
 if __name__ == "__main__":

@@ -56,7 +56,7 @@ class FrameReader:
                 return None
             if stream == STDOUT:
                 self.stdout += payload
-            else:
+            elif stream == STDERR:
                 self.stderr = (self.stderr + payload)[-4096:]
         line, self.stdout = self.stdout.split(b"\n", 1)
         return line

@@ -116,13 +116,9 @@ class Serving:
         self.buffers = [bytearray(BUFFER_SIZE)]  # a list, as os.readv() takes it
         self.view = memoryview(self.buffers[0])
 
-    def take_signals(self, signums: Iterable[int]) -> None:
-        """Install the handlers (a process that did not inherit them)."""
-        signals.install(signums, self.on_signal)
-
     def own_signals(self) -> None:
-        """Become the owner of the inherited handlers (a forked child: no system call)."""
-        signal.set_wakeup_fd(-1)
+        """Become the owner of the inherited handlers (a forked child, already detached from
+        its parent's wake-up pipe by process.fork: no system call)."""
         signals.set_owner(self.on_signal)
 
     def on_signal(self, signum: int) -> None:

@@ -86,7 +86,7 @@ class SignalQueue:
         return self._read
 
     def fds(self) -> tuple[int, int]:
-        """Both ends of the pipe: a forked child closes them (it must not wake its parent)."""
+        """Both ends of the pipe (the descriptors the server holds, for fork's close_range)."""
         return self._read, self._write
 
     def pending(self) -> list[int]:
@@ -99,12 +99,6 @@ class SignalQueue:
                 break
         received, self._pending = self._pending, []
         return sorted(received, key=lambda s: PRIORITY.get(s, 3))
-
-    def close(self) -> None:
-        """Detach from the process (a forked child calls this before making its own queue)."""
-        signal.set_wakeup_fd(-1)
-        os.close(self._read)
-        os.close(self._write)
 
 
 def detach_after_fork() -> None:

@@ -96,7 +96,6 @@ class SendmsgServer(PoolServer):
         set_timeouts(self.worker_end, self.config.worker_idle)
         self.sent = 0  # descriptors sent
         self.received_gone = 0  # descriptors received by workers that have since ended
-        self.extra: set[int] = set()  # workers started above --workers
         self.held: int | None = None  # a connection waiting for room in the queue
         self.next_extra = False  # whether the worker being forked is above --workers
         self.too_many_refs = False  # inside an ETOOMANYREFS episode
@@ -117,10 +116,7 @@ class SendmsgServer(PoolServer):
     def spawn_worker(self) -> int:
         # Decided here, in the parent, before fork(): the child cannot see itself counted.
         self.next_extra = len(self.workers) >= self.config.pool_size
-        pid = super().spawn_worker()
-        if self.next_extra:
-            self.extra.add(pid)
-        return pid
+        return super().spawn_worker()
 
     def worker_keeps(self) -> list[int]:
         return [self.worker_end.fileno()]
@@ -161,7 +157,6 @@ class SendmsgServer(PoolServer):
         slot = self.counters.by_pid.get(pid)
         if slot is not None:
             self.received_gone += slot.get(RECEIVED)
-        self.extra.discard(pid)
         super().child_exited(pid, status, role)
 
     def maintain_pool(self) -> int:

@@ -138,6 +138,11 @@ class SpawnServer(Server):
         if self.tracing:
             self.log.trace(f"posix_spawn() is OK: process {pid} serves the connection")
 
+    def close(self) -> None:
+        super().close()
+        if self.report is not None:
+            self.report.close()
+
     def child_exited(self, pid: int, status: int, role: str) -> None:
         # Our worker reports how its connection ended; another program (--worker-cmd) does not,
         # and then its exit status is all we know.
