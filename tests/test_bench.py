@@ -123,10 +123,12 @@ def persistent_bench(per_connection: int, **overrides: object) -> dict[str, obje
 
 
 def test_cpu_per_message_does_not_depend_on_messages_per_connection() -> None:
-    """100 or 1,000 messages per connection: the CPU of one message barely changes (a
-    connection's setup is spread over 100 messages at worst). Divided by connections, the two
-    would differ tenfold. The two runs of a pair go side by side, so a busy machine slows both
-    alike; the median of three pairs' ratios is judged."""
+    """100 or 1,000 messages per connection: the CPU of one message barely changes. A
+    connection's setup (~100 µs) spread over 100 messages of ~8 µs adds about an eighth, and a
+    shared machine adds as much again to one run of a pair, so ratios up to ~1.3 are honest.
+    Divided by connections instead, the two would differ tenfold: the bound of 2 sits far from
+    both. The two runs of a pair go side by side, so a busy machine slows both alike; the median
+    of three pairs' ratios is judged."""
     ratios = []
     for _ in range(3):
         with ThreadPoolExecutor(2) as pool:
@@ -139,7 +141,7 @@ def test_cpu_per_message_does_not_depend_on_messages_per_connection() -> None:
         # per connection: the same CPU, per 100 or 1,000 messages
         for cost, k in ((few, 100), (many, 1000)):
             assert cost["cpu_s_per_1000_connections"] == pytest.approx(cost["cpu_s_per_1000"] * k)
-    assert 1 / 1.25 <= statistics.median(ratios) <= 1.25, ratios
+    assert 1 / 2 <= statistics.median(ratios) <= 2, ratios
 
 
 def test_cpu_per_message_is_divided_by_the_servers_own_count_of_messages() -> None:
@@ -162,7 +164,7 @@ def test_cpu_per_message_is_divided_by_the_servers_own_count_of_messages() -> No
     # The whole run's CPU over the server's count gives the same figure (within the CPU
     # clock's ticks and the connections' setup and teardown outside the window).
     whole = cost["run_cpu_s"] / echoed * 1000
-    assert 1 / 1.25 <= cost["cpu_s_per_1000"] / whole <= 1.25, (cost["cpu_s_per_1000"], whole)
+    assert 1 / 1.5 <= cost["cpu_s_per_1000"] / whole <= 1.5, (cost["cpu_s_per_1000"], whole)
 
 
 # --- listen-queue overflows ------------------------------------------------------------------
