@@ -26,7 +26,13 @@ from lab.sockets.designs import DESIGNS
 
 ALL_DESIGNS = list(DESIGNS)
 CONCURRENT_DESIGNS = [d for d in ALL_DESIGNS if d != "iterative"]
-POOL_DESIGNS = ["sendmsg", "multi-accept"]
+# Derived from what each design declares (lab.sockets.base.Server), never listed by hand:
+POOL_DESIGNS = [d for d in ALL_DESIGNS if DESIGNS[d].pool_of]  # take --workers
+PROCESS_POOLS = [d for d in ALL_DESIGNS if DESIGNS[d].pool_of == "processes"]  # workers: processes
+GROWING_POOLS = [d for d in ALL_DESIGNS if DESIGNS[d].grows]  # take --max-workers
+SERIAL_DESIGNS = {  # design → the options that make it serve one connection at a time
+    d: list(options) for d in ALL_DESIGNS if (options := DESIGNS[d].serial_options) is not None
+}
 ORIGINAL_MESSAGE = b"This is a test message from a stupid client lol!\0"  # 49 bytes, NUL included
 READY = re.compile(r"ready design=(\S+) address=(\S+) port=(\d+) pid=(\d+)")
 

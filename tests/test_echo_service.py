@@ -49,6 +49,7 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from lab.cli.app import app
+from lab.sockets.designs import DESIGNS
 
 CHAPTER_MESSAGE = ORIGINAL_MESSAGE[:-1].decode()  # without its NUL: `--nul` adds it
 LOOPBACK = "127.0.0.1"
@@ -57,10 +58,10 @@ GUARD = 30.0
 # Two workers for the pool designs, whatever the CPU count: a silent client then holds one and
 # the other stays free (with one worker a held connection blocks the pool by design).
 POOL_ARGS = ("--workers", "2")
-# sendmsg: workers added under load retire after --worker-idle; keep them longer than GUARD, so
-# that a descriptor a worker should not hold (and that delays a client's EOF) cannot be hidden
-# by that worker retiring and releasing it before the client's timeout.
-SENDMSG_ARGS = ("--worker-idle", "120")
+# A pool that grows (sendmsg): workers added under load retire after --worker-idle; keep them
+# longer than GUARD, so that a descriptor a worker should not hold (and that delays a client's
+# EOF) cannot be hidden by that worker retiring and releasing it before the client's timeout.
+GROWING_ARGS = ("--worker-idle", "120")
 
 
 # --- helpers ----------------------------------------------------------------------------------
@@ -68,7 +69,7 @@ SENDMSG_ARGS = ("--worker-idle", "120")
 
 def extra_args(design: str) -> tuple[str, ...]:
     args = POOL_ARGS if design in POOL_DESIGNS else ()
-    return args + SENDMSG_ARGS if design == "sendmsg" else args
+    return args + GROWING_ARGS if DESIGNS[design].grows else args
 
 
 Stats = dict[str, Any]

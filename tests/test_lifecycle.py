@@ -27,6 +27,8 @@ from harness import (
     ALL_DESIGNS,
     ORIGINAL_MESSAGE,
     POOL_DESIGNS,
+    PROCESS_POOLS,
+    SERIAL_DESIGNS,
     RunningServer,
     ServerFactory,
     cpu_seconds,
@@ -47,14 +49,8 @@ STATS_LINE = '{"event": "stats"'
 # pool's size pin it with --max-workers.
 TWO_WORKERS = ["--workers", "2", "--max-workers", "2"]
 
-# Options that make later connections queue while one is in flight: one process serves.
-ONE_AT_A_TIME = {
-    "iterative": [],
-    "spawn": ["--max-children", "1"],
-    "fork": ["--max-children", "1"],
-    "sendmsg": ["--workers", "1", "--max-workers", "1"],
-    "multi-accept": ["--workers", "1"],
-}
+# Options that make later connections queue while one is in flight, as each design declares.
+ONE_AT_A_TIME = SERIAL_DESIGNS
 
 
 # --- helpers ------------------------------------------------------------------------------------
@@ -216,7 +212,7 @@ def test_idle_server_stops_on_signal_with_exit_0_and_final_stats(
 # --- 2. SIGTERM drains: in flight and queued connections are all served --------------------------
 
 
-@pytest.mark.parametrize("design", ALL_DESIGNS)
+@pytest.mark.parametrize("design", list(SERIAL_DESIGNS))
 def test_sigterm_serves_in_flight_and_queued_connections(
     start_server: ServerFactory, design: str
 ) -> None:
@@ -285,7 +281,7 @@ def test_grace_period_ends_a_connection_that_never_finishes(
 # --- 4. a worker killed by SIGKILL is replaced --------------------------------------------------
 
 
-@pytest.mark.parametrize("design", POOL_DESIGNS)
+@pytest.mark.parametrize("design", PROCESS_POOLS)
 def test_killed_worker_is_reported_and_replaced(start_server: ServerFactory, design: str) -> None:
     server = start_server(design, *TWO_WORKERS)
     for _ in range(6):
@@ -318,7 +314,7 @@ def test_killed_worker_is_reported_and_replaced(start_server: ServerFactory, des
 # --- 5. SIGKILL of the server leaves no process behind ------------------------------------------
 
 
-@pytest.mark.parametrize("design", [*POOL_DESIGNS, "fork"])
+@pytest.mark.parametrize("design", [*PROCESS_POOLS, "fork"])
 def test_sigkilled_server_leaves_no_worker_or_child(
     start_server: ServerFactory, design: str
 ) -> None:
@@ -584,7 +580,7 @@ def test_sigusr1_prints_one_json_stats_line_and_keeps_running(
     assert stats["failed"] == {} and stats["shed"] == 0 and stats["in_flight"] == 0
     assert stats["bytes_in"] == stats["bytes_out"] == 3 * len(MESSAGE)
     per_worker: dict[str, int] = stats["per_worker"]  # type: ignore[assignment]
-    if design in POOL_DESIGNS:
+    if design in PROCESS_POOLS:
         assert sum(per_worker.values()) == 3
         assert {int(pid) for pid in per_worker} <= set(workers_of(server))
         assert stats["workers_alive"] == 2
@@ -599,7 +595,7 @@ def test_sigusr1_prints_one_json_stats_line_and_keeps_running(
 # --- 12. Ctrl-C reaches the whole group; only the parent acts on it -----------------------------
 
 
-@pytest.mark.parametrize("design", [*POOL_DESIGNS, "fork", "spawn"])
+@pytest.mark.parametrize("design", [*PROCESS_POOLS, "fork", "spawn"])
 def test_sigint_to_the_process_group_is_an_orderly_shutdown(
     start_server: ServerFactory, design: str
 ) -> None:

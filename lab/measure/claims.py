@@ -44,7 +44,8 @@ UNCLEAR = " (not clearly apart: the spreads overlap, or differ by less than the 
 #: Stevens: pools cut per-connection CPU by this factor against fork-per-connection.
 POOL_FACTOR = 10.0
 
-POOLS = POOL_DESIGNS
+#: The pre-started process pools, which claims 2 and 6 set against a process per connection.
+POOLS = tuple(name for name in POOL_DESIGNS if DESIGNS[name].pool_of == "processes")
 #: spawn with another worker program (``--worker-cmd``): the process without the interpreter.
 SPAWN_OTHER = next(
     (n for n, v in VARIANTS.items() if v.design == "spawn" and "--worker-cmd" in v.options), None

@@ -25,12 +25,12 @@ from lab.measure.config import CONNECT_PER_REQUEST, make_config
 from lab.measure.errors import LoadError
 from lab.measure.peers import PEERS
 from lab.sockets.designs import DESIGNS
-from lab.sockets.pool import PoolServer
 
 SCHEMA = "lab.compare/1"
-#: The designs with a pool of ``--workers``. In the sweep every one gets the same size and none
-#: may grow past it (``--max-workers`` = ``--workers``): pools are compared at equal size.
-POOL_DESIGNS = tuple(name for name, design in DESIGNS.items() if issubclass(design, PoolServer))
+#: The designs with a pool of ``--workers`` (processes or threads, as each declares). In the
+#: sweep every one gets the same size and none may grow past it (``--max-workers`` =
+#: ``--workers`` for those that grow): pools are compared at equal size.
+POOL_DESIGNS = tuple(name for name, design in DESIGNS.items() if design.pool_of)
 #: How far the growing variant's pool may grow: the servers' default, 4 × ``--workers``.
 GROWTH = 4
 
@@ -137,21 +137,27 @@ def c_peer(name: str) -> str | None:
     return f"peer-c-{DESIGNS[design].family}" if design is not None else None
 
 
-def pool_options(workers: int, growth: int = 1) -> tuple[str, ...]:
-    return ("--workers", str(workers), "--max-workers", str(growth * workers))
+def pool_options(design: str, workers: int, growth: int = 1) -> tuple[str, ...]:
+    """A pool design's size; one that grows is pinned to it (or let grow ``growth``-fold)."""
+    size = ("--workers", str(workers))
+    return (*size, "--max-workers", str(growth * workers)) if DESIGNS[design].grows else size
 
 
 def server_spec(name: str, workers: int) -> ServerSpec:
     if name in VARIANTS:
         variant = VARIANTS[name]
-        pool = pool_options(workers, variant.growth) if variant.design in POOL_DESIGNS else ()
+        pool = (
+            pool_options(variant.design, workers, variant.growth)
+            if variant.design in POOL_DESIGNS
+            else ()
+        )
         return ServerSpec(variant.design, (*pool, *variant.options))
     if name in POOL_DESIGNS:
-        return ServerSpec(name, pool_options(workers))
+        return ServerSpec(name, pool_options(name, workers))
     from lab.measure.peers import C_PEERS  # the C peers with a pool take --workers too
 
     pooled_peers = [f"peer-{peer}" for peer, (_mode, pooled) in C_PEERS.items() if pooled]
-    if name in POOL_DESIGNS or name in pooled_peers:
+    if name in pooled_peers:
         return ServerSpec(name, ("--workers", str(workers)))
     return ServerSpec(name)
 

@@ -9,13 +9,16 @@ them ``lab_server_1`` and v2 ``lab-server-1``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import shutil
 import subprocess
-from collections.abc import Mapping, Sequence
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
 
 from lab.orchestration.engine import PROJECT, LabError, repo_root
+from lab.sockets.config import OPTIONS, env_name
 
 PROJECT_LABEL = "com.docker.compose.project"
 SERVICE_LABEL = "com.docker.compose.service"
@@ -40,6 +43,38 @@ def tool() -> tuple[str, ...]:
     )
 
 
+#: compose.yaml's server reads its options from the file this variable names (``env_file``),
+#: so every ``lab serve`` option reaches the container as LAB_<NAME> — a new option too, with
+#: no line added to compose.yaml. Unset, compose reads an empty file kept in the repository.
+SERVER_ENV = "LAB_SERVER_ENV"
+SERVER_OPTION_VARS = frozenset(env_name(option.name) for option in OPTIONS)
+
+
+@contextlib.contextmanager
+def server_env_file(env: Mapping[str, str]) -> Iterator[str]:
+    """A file of the server options set in ``env`` (LAB_<NAME>=value lines), for as long as
+    compose runs; the user's own LAB_SERVER_ENV file comes first when there is one."""
+    lines = []
+    own = env.get(SERVER_ENV)
+    if own:
+        try:
+            with open(own, encoding="utf-8") as file:
+                lines.append(file.read().rstrip("\n"))
+        except OSError as exc:
+            raise LabError(
+                f"{SERVER_ENV}={own}: cannot read it ({exc.strerror}): fix the path"
+            ) from None
+    for name in sorted(SERVER_OPTION_VARS & env.keys()):
+        value = env[name]
+        if "\n" in value:
+            raise LabError(f"{name}: a value on one line, please (it has a newline)")
+        lines.append(f"{name}={value}")
+    with tempfile.NamedTemporaryFile("w", prefix="lab-server-", suffix=".env") as file:
+        file.write("\n".join(lines) + "\n")
+        file.flush()
+        yield file.name
+
+
 def version() -> str:
     result = subprocess.run([*tool(), "version"], capture_output=True, text=True, check=False)
     return (result.stdout.splitlines() or ["?"])[0].strip()
@@ -55,14 +90,16 @@ def run(
     error line when it fails."""
     root = repo_root()
     command = [*tool(), "-p", project, "-f", str(root / "compose.yaml"), *args]
-    result = subprocess.run(
-        command,
-        cwd=root,
-        env={**os.environ, **(env or {})},
-        capture_output=capture,
-        text=True,
-        check=False,
-    )
+    full_env = {**os.environ, **(env or {})}
+    with server_env_file(full_env) as path:
+        result = subprocess.run(
+            command,
+            cwd=root,
+            env={**full_env, SERVER_ENV: path},
+            capture_output=capture,
+            text=True,
+            check=False,
+        )
     if result.returncode != 0:
         raise LabError(explain_failure(result.stderr or result.stdout or ""))
     return result

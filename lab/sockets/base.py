@@ -86,12 +86,25 @@ class Server:
     default_backlog: ClassVar[int] = 128
     # Whether statistics count connections by worker pid (pool designs).
     per_worker_stats: ClassVar[bool] = False
+    # How it serves many clients, in a few words ("a process per connection", "a pool of
+    # threads" …): `lab designs`, the report and the claims read it.
+    model: ClassVar[str] = ""
+    # What --workers sizes: "processes", "threads", or None (the design takes no --workers).
+    # The measurements give every design with a pool the same number.
+    pool_of: ClassVar[str | None] = None
+    # Whether its pool grows under load up to --max-workers (the sweep pins it to --workers).
+    grows: ClassVar[bool] = False
+    # Options that make it serve one connection at a time (its queue then holds the rest); None:
+    # it cannot (an event loop serves every connection it accepted).
+    serial_options: ClassVar[tuple[str, ...] | None] = None
     # At most this many accept() calls per wake-up, so signals and children are looked after.
     accepts_per_wakeup: ClassVar[int] = 64
-    # The system-call budget, held by tests/test_syscall_budget.py: per echoed message every
-    # design makes exactly one readv and one write (MESSAGE_BUDGET); per connection (with one
-    # message, a client that connects one at a time, tracing off) at most these, by name, for
-    # every process of the server together ("total": a bound on the sum instead).
+    # The system-call budget, held by tests/test_syscall_budget.py: per echoed message (one
+    # client, one message in flight) exactly these — for the blocking designs one readv and one
+    # write (MESSAGE_BUDGET); an event loop adds its wake-up (epoll_wait) — and per connection
+    # (with one message, a client that connects one at a time, tracing off) at most these, by
+    # name, for every process and thread of the server together ("total": a bound on the sum).
+    syscalls_per_message: ClassVar[dict[str, int]] = MESSAGE_BUDGET
     syscalls_per_connection: ClassVar[dict[str, int]] = {}
 
     @classmethod

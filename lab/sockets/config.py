@@ -49,6 +49,19 @@ OPTIONS = (
         "max_children", "int", 256, "fork/spawn: most children at once; at the cap, stop accepting"
     ),
     Option("worker_cmd", "str?", None, "spawn: inetd-style program to run per connection"),
+    Option(
+        "max_threads",
+        "int",
+        256,
+        "thread: most connection threads at once; at the cap, stop accepting",
+    ),
+    Option(
+        "accept_lock",
+        "str",
+        "none",
+        "multi-accept/prethread-accept: a lock around accept() (none, flock, sem; mutex)",
+    ),
+    Option("loop", "str", "asyncio", "asyncio: the event loop (asyncio, or uvloop when installed)"),
     Option("connections", "int", 0, "serve this many connections, then exit 0 (0 = until stopped)"),
     Option(
         "idle_timeout", "float", 60.0, "close a connection with no progress for this many seconds"
@@ -72,6 +85,9 @@ class ServerConfig:
     worker_idle: float
     max_children: int
     worker_cmd: str | None
+    max_threads: int
+    accept_lock: str
+    loop: str
     connections: int
     idle_timeout: float
     grace: float
@@ -148,6 +164,8 @@ class ServerConfig:
                 raise ConfigError(f"--{_flag(name)} {value}: choose from 1 to {MAX_POOL}")
         if not 1 <= self.max_children <= MAX_POOL:
             raise ConfigError(f"--max-children {self.max_children}: choose from 1 to {MAX_POOL}")
+        if not 1 <= self.max_threads <= MAX_POOL:
+            raise ConfigError(f"--max-threads {self.max_threads}: choose from 1 to {MAX_POOL}")
         for name in ("worker_idle", "idle_timeout"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{_flag(name)}: give a number of seconds above 0")

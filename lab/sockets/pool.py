@@ -24,6 +24,8 @@ from lab.sockets.stats import Slot
 
 class PoolServer(Server):
     per_worker_stats = True
+    pool_of = "processes"
+    serial_options = ("--workers", "1", "--max-workers", "1")
     # A worker that keeps dying at once (a bug, a missing resource) must not make the parent
     # fork in a tight loop: after CRASH_LIMIT unexpected deaths within CRASH_WINDOW seconds,
     # replacements wait RESPAWN_DELAY seconds.

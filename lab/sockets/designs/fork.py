@@ -39,6 +39,8 @@ class ForkServer(Server):
     summary = "fork() a child per connection; the child serves it and exits"
     origin = "the classic Unix variant; Stevens UNP ch. 30 server 1"
     family = "fork"
+    model = "a process per connection"
+    serial_options = ("--max-children", "1")
     # Per connection with one message (tests/test_syscall_budget.py). Parent: accept4 (+ one
     # EAGAIN and a poll when the queue is empty), clone, close, wait4 (+ one that finds no child
     # ended). Child: close_range, prctl (die with the parent), the message's readv and write,

@@ -44,6 +44,8 @@ class IterativeServer(Server):
     name = "iterative"
     summary = "one process: accept, serve the whole connection, close, accept the next"
     origin = "the chapter's iterative server; Stevens UNP ch. 30 server 0"
+    model = "one connection at a time"
+    serial_options = ()
     default_backlog = 5  # the original program's listen(sock, 5)
     per_worker_stats = True
     # Per connection with one message, tracing off, measured by tests/test_syscall_budget.py:

@@ -48,6 +48,7 @@ class MultiAcceptServer(PoolServer):
     name = "multi-accept"
     summary = "N pre-forked workers each block in accept() on the shared listening socket"
     origin = "the chapter's multiple accept() workers; Stevens UNP ch. 30 server 2 (prefork)"
+    model = "a pool of processes that accept"
     # Per connection with one message (tests/test_syscall_budget.py): accept4, the message's
     # readv and write, the EOF readv, close — nothing of the lab's.
     syscalls_per_connection: ClassVar[dict[str, int]] = {

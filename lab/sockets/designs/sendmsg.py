@@ -76,6 +76,8 @@ class SendmsgServer(PoolServer):
     name = "sendmsg"
     summary = "the server accepts and passes each descriptor (SCM_RIGHTS) to recvmsg() workers"
     origin = "the chapter's sendmsg()/recvmsg() server; Stevens UNP ch. 30 server 5"
+    model = "a pool of processes fed descriptors"
+    grows = True
     # Per connection with one message (tests/test_syscall_budget.py). Parent: accept4 (+ one
     # EAGAIN and a poll when the queue is empty), sendmsg, close. Worker: recvmsg, the message's
     # readv and write, the EOF readv, close.

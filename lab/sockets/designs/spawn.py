@@ -59,6 +59,8 @@ class SpawnServer(Server):
     summary = "posix_spawn() a worker program per connection, the socket as its stdin/stdout"
     origin = "the chapter's spawn() server (inetd style)"
     family = "fork"
+    model = "a program started per connection"
+    serial_options = ("--max-children", "1")
     # Per connection with one message (tests/test_syscall_budget.py): the parent's accept4,
     # posix_spawn and wait4, and a whole interpreter start in the child (≈ 290 calls for
     # `python3 -I -S -c pass`; the test also holds the worker to that plus 200).
