@@ -5,7 +5,10 @@
 
 A design is a subclass that overrides one step: ``process_request`` (fork, spawn, hand the
 descriptor to a worker) and, for designs with helper processes, ``start`` and ``finish``; a design
-whose single process serves connections itself (``iterative``) overrides ``run``.
+whose single process serves connections itself (``iterative``) overrides ``run``. Child
+processes — starting, reaping, explaining, killing at the deadline — are not here but in
+:class:`~lab.sockets.supervise.ChildProcesses`, which the process designs mix in (as
+``socketserver`` keeps forking in ``ForkingMixIn``); thread and event-loop designs do without.
 
 The loop here is a *supervising* loop: it waits in ``poll()`` on the listening socket, the
 signal pipe, the health port and any descriptor a design adds, and it accepts until the queue
@@ -33,12 +36,12 @@ import socket
 import struct
 import time
 
-from lab.sockets import process, signals
+from lab.sockets import signals
 from lab.sockets.accept import Acceptor
 from lab.sockets.config import ConfigError, ServerConfig
 from lab.sockets.log import Log
 from lab.sockets.serving import set_timeouts
-from lab.sockets.stats import STOPPED, WORKER_DIED, Counters, ReportPipe, Stats
+from lab.sockets.stats import Counters, ReportPipe, Stats
 
 TYPE_CHECKING = False  # typing is not imported at run time (see lab.sockets.base)
 if TYPE_CHECKING:
@@ -122,8 +125,7 @@ class Server:
         self.stopping = False
         self._stop_deadline: float | None = None
         self.drain_on_stop = True
-        self.children: dict[int, str] = {}  # pid → what it is ("worker", "child")
-        self.killing = False  # past the grace period: children are being killed
+        self.killing = False  # past the grace period: what is still in flight is being cut
         self.counters = Counters(self.counter_slots())
         self.report: ReportPipe | None = None  # spawn's programs report on a pipe
         self._extra: dict[int, int] = {}  # descriptor → poll events, added by designs
@@ -379,69 +381,10 @@ class Server:
         self.collect()
         self.log.line(self.stats_line())
 
-    def handle_chld(self) -> None:
-        # Reap first, then read the report pipe: a child writes its record before it exits,
-        # so every record of a reaped child is in the pipe by now (the other order can see the
-        # exit but not yet the record, and count the connection twice).
-        ended = process.reap()
-        self.collect()
-        for pid, status in ended:
-            role = self.children.pop(pid, None)
-            if role is not None:
-                self.child_exited(pid, status, role)
-
     def finish(self) -> None:
-        """Let in-flight work finish until the deadline, then kill what is left; reap all."""
-        self.wait_for_children()
-
-    def wait_for_children(self) -> None:
-        poller = select.poll()
-        poller.register(self.signal_queue.fileno(), select.POLLIN)
-        if self.report is not None:
-            poller.register(self.report.read_fd, select.POLLIN)
-        while self.children:
-            remaining = (self._stop_deadline or 0.0) - time.monotonic()
-            if remaining <= 0:
-                break
-            for fd, _ in poller.poll(min(remaining, self.stop_poll_interval()) * 1000):
-                if self.report is not None and fd == self.report.read_fd:
-                    self.collect()
-                else:
-                    self.on_signals()
-            self.handle_chld()
-            self.while_stopping()
-        if self.children:
-            self.killing = True
-            self.log.notice(f"grace period over: killing {len(self.children)} process(es)")
-            for pid in self.children:
-                self._kill(pid, signal.SIGKILL)
-            for pid in list(self.children):
-                try:
-                    _, status = os.waitpid(pid, 0)
-                except ChildProcessError:
-                    continue
-                role = self.children.pop(pid)
-                self.collect()
-                self.child_exited(pid, status, role)
-
-    def stop_poll_interval(self) -> float:
-        return math.inf
-
-    def while_stopping(self) -> None:
-        """Once per wake-up while waiting for children to finish (a pool repeats SIGTERM)."""
-
-    @staticmethod
-    def _kill(pid: int, signum: int) -> None:
-        with contextlib.suppress(ProcessLookupError):  # it ended meanwhile
-            os.kill(pid, signum)
-
-    def child_exited(self, pid: int, status: int, role: str) -> None:
-        """A child ended: fold its counters; what it had in flight was lost with it."""
-        lost = self.counters.retire(pid, self.stats, STOPPED if self.killing else WORKER_DIED)
-        if lost > 0 and not self.killing:
-            self.log.notice(
-                f"{role} {pid} {signals.explain_status(status)} while serving {lost} connection(s)"
-            )
+        """After the loop: what is still in flight ends within the grace period. A design that
+        serves in the loop's own process has nothing left here; those with helper processes or
+        threads wait for them (:class:`~lab.sockets.supervise.ChildProcesses`)."""
 
     def collect(self) -> None:
         """Fold records from spawned programs into the statistics."""
@@ -453,8 +396,12 @@ class Server:
 
     def stats_line(self) -> str:
         stats = self.current_stats()
-        stats.workers_alive = sum(1 for r in self.children.values() if r == "worker")
+        stats.workers_alive = self.workers_alive()
         return stats.to_json()
+
+    def workers_alive(self) -> int:
+        """Pre-started workers now running (the stats line's ``workers_alive``)."""
+        return 0
 
     def close(self) -> None:
         if self.listener.fileno() != -1:

@@ -16,13 +16,13 @@ import time
 from collections import deque
 
 from lab.sockets import process, signals
-from lab.sockets.base import Server
 from lab.sockets.config import ServerConfig
 from lab.sockets.log import Log
 from lab.sockets.stats import Slot
+from lab.sockets.supervise import ChildProcesses
 
 
-class PoolServer(Server):
+class PoolServer(ChildProcesses):
     per_worker_stats = True
     pool_of = "processes"
     serial_options = ("--workers", "1", "--max-workers", "1")

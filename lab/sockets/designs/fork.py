@@ -24,17 +24,17 @@ import os
 import signal
 
 from lab.sockets import process
-from lab.sockets.base import Server
 from lab.sockets.echo import echo
 from lab.sockets.serving import Serving
 from lab.sockets.stats import SPAWN_FAILED
+from lab.sockets.supervise import ChildProcesses
 
 TYPE_CHECKING = False  # typing is not imported at run time (see lab.sockets.base)
 if TYPE_CHECKING:
     from typing import ClassVar
 
 
-class ForkServer(Server):
+class ForkServer(ChildProcesses):
     name = "fork"
     summary = "fork() a child per connection; the child serves it and exits"
     origin = "the classic Unix variant; Stevens UNP ch. 30 server 1"

@@ -25,11 +25,11 @@ import socket
 import sys
 from pathlib import Path
 
-from lab.sockets.base import Server
 from lab.sockets.config import ServerConfig
 from lab.sockets.serving import set_timeouts
 from lab.sockets.signals import RESET_ON_EXEC
 from lab.sockets.stats import COMPLETED, ERROR, SPAWN_FAILED, STOPPED, WORKER_DIED, ReportPipe
+from lab.sockets.supervise import ChildProcesses
 
 TYPE_CHECKING = False  # typing is not imported at run time (see lab.sockets.base)
 if TYPE_CHECKING:
@@ -54,7 +54,7 @@ def compiled_worker() -> str:
         return str(WORKER)
 
 
-class SpawnServer(Server):
+class SpawnServer(ChildProcesses):
     name = "spawn"
     summary = "posix_spawn() a worker program per connection, the socket as its stdin/stdout"
     origin = "the chapter's spawn() server (inetd style)"
