@@ -55,9 +55,10 @@ def test_local_bench_reports_load_and_server_cost_for_every_design(design: str) 
         assert sum(stats["per_worker"].values()) == stats["completed"]
 
 
-def test_local_bench_measures_a_peer_beside_the_designs() -> None:
-    result = bench(LocalBackend(), ServerSpec("peer-threading"), tiny_config()).to_dict()  # type: ignore[arg-type]
-    assert_complete(result, "peer-threading")
+@pytest.mark.parametrize("peer", ["peer-threading", "peer-asyncio"])
+def test_local_bench_measures_a_peer_beside_the_designs(peer: str) -> None:
+    result = bench(LocalBackend(), ServerSpec(peer), tiny_config()).to_dict()  # type: ignore[arg-type]
+    assert_complete(result, peer)
     assert result["server"]["stats"] == {}  # a peer keeps no statistics of ours
 
 

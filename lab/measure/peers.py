@@ -5,6 +5,9 @@
 * ``forking`` — ``socketserver.ForkingTCPServer``: a fork per connection, the library's way;
 * ``socat`` — ``socat TCP-LISTEN:…,fork EXEC:cat``: a fork *and an exec of cat* per connection,
   the classic inetd-style cost in C;
+* ``asyncio`` — the plain asyncio echo server of MagicStack's vmbench: one event loop, an
+  ``asyncio.Protocol`` whose ``data_received`` writes the data back to its transport — the
+  idiomatic asyncio server (of the epoll family), that an asyncio design is judged against;
 * ``c-prefork``, ``c-fork``, ``c-epoll`` — the C ceilings, one static program
   (``lab/measure/cpeer/peer.c``, built by ``make cpeer``): pre-forked workers blocking in
   ``accept()``, a ``fork()`` per connection, and epoll loops on the shared listener. Each design
@@ -20,6 +23,7 @@ A C peer is exec'd in this process's place, so the process measured is the C pro
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import json
 import os
@@ -91,6 +95,50 @@ def run_socketserver(name: str, host: str, port: int, backlog: int) -> int:
         with contextlib.suppress(SystemExit):
             server.serve_forever(poll_interval=0.5)
         print(_stats(name, Server.accepted), flush=True)
+    return 0
+
+
+class EchoProtocol(asyncio.Protocol):
+    """vmbench's ``EchoProtocol`` (MagicStack/vmbench, ``servers/asyncioecho.py --proto``): no
+    buffering of its own, every chunk written back as it arrives; at the client's EOF the
+    transport closes once what is written has gone out. Only the count of connections is ours."""
+
+    accepted = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        EchoProtocol.accepted += 1
+        self.transport: asyncio.Transport | None = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        with contextlib.suppress(OSError, AttributeError):  # as vmbench: small echoes go at once
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+
+    def data_received(self, data: bytes) -> None:
+        self.transport.write(data)  # type: ignore[union-attr]
+
+
+def run_asyncio(host: str, port: int, backlog: int) -> int:
+    """One event loop (the default one: epoll on Linux), serving until SIGTERM or SIGINT."""
+
+    async def serve() -> None:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(
+            EchoProtocol, host, port, backlog=backlog, reuse_address=True
+        )
+        _ready("asyncio", host, server.sockets[0].getsockname()[1], backlog)
+        stopped = asyncio.Event()
+        loop.add_signal_handler(signal.SIGTERM, stopped.set)
+        loop.add_signal_handler(signal.SIGINT, stopped.set)
+        loop.add_signal_handler(
+            signal.SIGUSR1, lambda: print(_stats("asyncio", EchoProtocol.accepted), flush=True)
+        )
+        async with server:
+            await stopped.wait()
+
+    asyncio.run(serve())
+    print(_stats("asyncio", EchoProtocol.accepted), flush=True)
     return 0
 
 
@@ -192,6 +240,7 @@ PEERS = {
     "threading": "socketserver.ThreadingTCPServer: a thread per connection",
     "forking": "socketserver.ForkingTCPServer: fork() per connection",
     "socat": "socat TCP-LISTEN,fork EXEC:cat: fork() and exec(cat) per connection",
+    "asyncio": "asyncio.Protocol echo (vmbench's): one event loop, data_received → write",
     "c-prefork": "C: --workers processes, forked after listen(), each blocking in accept()",
     "c-fork": "C: fork() a child per connection; the parent reaps them",
     "c-epoll": "C: --workers epoll loops on the shared listener (EPOLLEXCLUSIVE)",
@@ -214,6 +263,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_cpeer(args.peer, args.host, args.port, args.backlog, args.workers)
     if args.peer == "socat":
         return run_socat(args.host, args.port, args.backlog)
+    if args.peer == "asyncio":
+        return run_asyncio(args.host, args.port, args.backlog)
     return run_socketserver(args.peer, args.host, args.port, args.backlog)
 
 
