@@ -27,6 +27,8 @@ ROWS = [
     ("peer-c-prefork", "peer-c-prefork", TWO, None),
     ("multi-accept", "multi-accept", TWO, "peer-c-prefork"),
     ("sendmsg", "sendmsg", (*TWO, "--max-workers", "2"), "peer-c-prefork"),
+    # The sendmsg design in C: how much of sendmsg's ratio is the hand-off itself.
+    ("peer-c-sendmsg", "peer-c-sendmsg", TWO, "peer-c-prefork"),
     ("peer-c-prefork-1", "peer-c-prefork", ("--workers", "1"), None),
     ("iterative", "iterative", (), "peer-c-prefork-1"),
     ("peer-c-fork", "peer-c-fork", (), None),

@@ -1,4 +1,4 @@
-"""The C reference peers (lab-cpeer: peer-c-prefork, peer-c-fork, peer-c-epoll) on loopback:
+"""The C reference peers (lab-cpeer: peer-c-prefork, -fork, -epoll and -sendmsg) on loopback:
 they echo byte for byte, keep the process structure their design promises, stop cleanly, and
 fail with one line — and they run through the same peers module and bench as the Python peers.
 
@@ -39,8 +39,8 @@ from lab.measure.peers import C_PEERS, PEERS
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCE = ROOT / "lab" / "measure" / "cpeer" / "peer.c"
-MODES = ["prefork", "fork", "epoll"]
-POOLED = ["prefork", "epoll"]
+MODES = ["prefork", "fork", "epoll", "sendmsg"]
+POOLED = ["prefork", "epoll", "sendmsg"]
 READY_LINE = re.compile(
     r"ready design=peer-c-(?P<mode>\w+) address=(?P<address>\S+) port=(?P<port>\d+) "
     r"pid=(?P<pid>\d+) backlog=(?P<backlog>\d+)"
@@ -143,7 +143,8 @@ def test_every_c_peer_is_registered() -> None:
     assert compare.server_spec("peer-c-prefork", 3).options == ("--workers", "3")
     assert compare.server_spec("peer-c-epoll", 3).options == ("--workers", "3")
     assert compare.server_spec("peer-c-fork", 3).options == ()
-    assert {name for name, (_mode, pooled) in C_PEERS.items() if pooled} == {"c-prefork", "c-epoll"}
+    pooled = {name for name, (_mode, pooled) in C_PEERS.items() if pooled}
+    assert pooled == {"c-prefork", "c-epoll", "c-sendmsg"}
 
 
 # --- the echo ----------------------------------------------------------------------------------

@@ -11,12 +11,15 @@
 * ``c-prefork``, ``c-fork``, ``c-epoll`` — the C ceilings, one static program
   (``lab/measure/cpeer/peer.c``, built by ``make cpeer``): pre-forked workers blocking in
   ``accept()``, a ``fork()`` per connection, and epoll loops on the shared listener. Each design
-  is measured against the one of its family (``peer-c-<family>``).
+  is measured against the one of its family (``peer-c-<family>``);
+* ``c-sendmsg`` — the same program passing descriptors: the floor of the ``sendmsg`` design in C
+  (how much of sendmsg's ×C against ``c-prefork`` is the design's own hand-off, not Python's).
 
 ``python -m lab.measure.peers NAME [--host H] [--port P] [--backlog B] [--workers N]`` runs one
 and prints the same ``ready design=peer-NAME … port=N pid=N`` line as the lab's servers; SIGTERM
 stops it and prints a statistics line (a peer counts less than a design: what it cannot see is
-left out). ``--workers`` sizes the pools of ``c-prefork`` and ``c-epoll``; the others ignore it.
+left out). ``--workers`` sizes the pools of ``c-prefork``, ``c-epoll`` and ``c-sendmsg``; the
+others ignore it.
 A C peer is exec'd in this process's place, so the process measured is the C program itself.
 """
 
@@ -193,7 +196,12 @@ def run_socat(host: str, port: int, backlog: int) -> int:
 
 
 # The C peers: the name here → lab-cpeer's mode, and whether it has a pool of --workers.
-C_PEERS = {"c-prefork": ("prefork", True), "c-fork": ("fork", False), "c-epoll": ("epoll", True)}
+C_PEERS = {
+    "c-prefork": ("prefork", True),
+    "c-fork": ("fork", False),
+    "c-epoll": ("epoll", True),
+    "c-sendmsg": ("sendmsg", True),
+}
 CPEER_ENV = "LAB_CPEER"
 CPEER_INSTALLED = Path("/usr/local/bin/lab-cpeer")  # where the lab image has it
 # In a checkout: <repo>/build/bin/lab-cpeer (this file is <repo>/lab/measure/peers.py).
@@ -244,6 +252,7 @@ PEERS = {
     "c-prefork": "C: --workers processes, forked after listen(), each blocking in accept()",
     "c-fork": "C: fork() a child per connection; the parent reaps them",
     "c-epoll": "C: --workers epoll loops on the shared listener (EPOLLEXCLUSIVE)",
+    "c-sendmsg": "C: the parent accepts and passes each descriptor to --workers recvmsg() workers",
 }
 
 

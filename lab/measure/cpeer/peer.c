@@ -7,7 +7,9 @@
  *   prefork  N workers, forked after listen(), each blocking in accept() on the shared socket;
  *   fork     one process: accept(), fork() a child per connection, the child echoes, _exit(0)s;
  *   epoll    N workers, each an epoll loop on the shared socket (EPOLLEXCLUSIVE), non-blocking
- *            connections, partial writes finished on EPOLLOUT.
+ *            connections, partial writes finished on EPOLLOUT;
+ *   sendmsg  one process accepts and passes each connection (SCM_RIGHTS over a SOCK_SEQPACKET
+ *            socketpair) to N workers blocking in recvmsg(): the floor of the lab's `sendmsg`.
  *
  * Every mode serves the lab's echo service: read up to 64 KiB, write all of it back, until EOF.
  * Once listening it prints one line, `ready design=peer-c-MODE address=A port=P pid=N backlog=B`.
@@ -35,6 +37,7 @@
 #include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
+#include <sys/uio.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -45,11 +48,11 @@
 #define ACCEPT_BATCH 16 /* accept()s per wake-up, so one worker cannot take a whole burst */
 
 enum { EXIT_OK = 0, EXIT_ERROR = 1, EXIT_USAGE = 2, EXIT_LISTEN = 3 };
-enum mode { MODE_PREFORK, MODE_FORK, MODE_EPOLL };
-static const char *const MODE_NAMES[] = {"prefork", "fork", "epoll"};
+enum mode { MODE_PREFORK, MODE_FORK, MODE_EPOLL, MODE_SENDMSG };
+static const char *const MODE_NAMES[] = {"prefork", "fork", "epoll", "sendmsg"};
 
-static const char USAGE[] =
-    "usage: lab-cpeer prefork|fork|epoll [--host H] [--port P] [--backlog B] [--workers N]\n";
+static const char USAGE[] = "usage: lab-cpeer prefork|fork|epoll|sendmsg [--host H] [--port P] "
+                            "[--backlog B] [--workers N]\n";
 
 static volatile sig_atomic_t stop_requested;
 static volatile sig_atomic_t stats_requested;
@@ -382,6 +385,123 @@ static void epoll_worker(int lfd) {
     }
 }
 
+static void child_started(pid_t pid);
+static void reap_children(void);
+static pid_t *children;
+static size_t nchildren;
+
+/* --- sendmsg: the parent accepts, workers recvmsg() the descriptors ----------------------- */
+
+/* The descriptor rides in an SCM_RIGHTS control message: the kernel installs a new descriptor
+ * for the same connection in whichever worker receives the message. A blocking recvmsg() on
+ * the shared end is an exclusive wait, like accept(): one worker wakes per message. */
+static void sendmsg_worker(int chan) {
+    char *buf = malloc(BUFFER_SIZE);
+    if (buf == NULL)
+        _exit(EXIT_ERROR);
+    for (;;) {
+        char byte;
+        struct iovec iov = {.iov_base = &byte, .iov_len = 1};
+        union {
+            struct cmsghdr align;
+            char space[CMSG_SPACE(sizeof(int))];
+        } control;
+        struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = control.space,
+                             .msg_controllen = sizeof control.space};
+        ssize_t n = recvmsg(chan, &msg, MSG_CMSG_CLOEXEC);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            _exit(EXIT_OK); /* the parent is gone */
+        struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
+        if (c == NULL || c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
+            continue;
+        int fd;
+        memcpy(&fd, CMSG_DATA(c), sizeof fd);
+        echo_blocking(fd, buf);
+        close(fd);
+    }
+}
+
+/* Pass one descriptor (blocking: a full queue waits for a worker to take one). */
+static void pass_descriptor(int chan, int fd) {
+    char byte = 'c';
+    struct iovec iov = {.iov_base = &byte, .iov_len = 1};
+    union {
+        struct cmsghdr align;
+        char space[CMSG_SPACE(sizeof(int))];
+    } control;
+    memset(&control, 0, sizeof control);
+    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = control.space,
+                         .msg_controllen = sizeof control.space};
+    struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN(sizeof fd);
+    memcpy(CMSG_DATA(c), &fd, sizeof fd);
+    while (sendmsg(chan, &msg, MSG_NOSIGNAL) < 0 && errno == EINTR)
+        ;
+}
+
+/* The parent waits in ppoll() (signals unblocked only for the wait, as in fork mode), accepts
+ * until the queue is empty, passes each connection and closes its copy: the message in the
+ * channel's queue holds the connection open until a worker receives it. */
+static int run_sendmsg(int lfd, int workers, const sigset_t *waitmask, void (*ready)(void)) {
+    int pair[2];
+    if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, pair) < 0)
+        fail(EXIT_ERROR, "socketpair(): %s", strerror(errno));
+    for (int i = 0; i < workers; i++) {
+        pid_t pid = fork();
+        if (pid < 0)
+            fail(EXIT_ERROR, "fork(): %s: raise the process limit or use fewer --workers",
+                 strerror(errno));
+        if (pid == 0) {
+            become_child();
+            close(lfd);
+            close(pair[0]);
+            sendmsg_worker(pair[1]);
+        }
+        child_started(pid);
+    }
+    close(pair[1]);
+    ready();
+    while (!stop_requested) {
+        if (stats_requested) {
+            stats_requested = 0;
+            print_stats();
+        }
+        if (child_exited) {
+            child_exited = 0;
+            reap_children();
+        }
+        struct pollfd p = {.fd = lfd, .events = POLLIN};
+        if (ppoll(&p, 1, NULL, waitmask) < 0) {
+            if (errno == EINTR)
+                continue;
+            fail(EXIT_ERROR, "ppoll(): %s", strerror(errno));
+        }
+        for (int i = 0; i < ACCEPT_BATCH; i++) {
+            int fd = accept4(lfd, NULL, NULL, SOCK_CLOEXEC);
+            if (fd < 0) {
+                if (errno != EAGAIN && errno != EWOULDBLOCK)
+                    accept_failed();
+                break;
+            }
+            count_accept();
+            pass_descriptor(pair[0], fd);
+            close(fd);
+        }
+    }
+    close(lfd);
+    close(pair[0]); /* the workers' recvmsg() then sees EOF once the queue is served */
+    for (size_t i = 0; i < nchildren; i++)
+        kill(children[i], SIGTERM);
+    while (waitpid(-1, NULL, 0) > 0 || errno == EINTR)
+        ;
+    print_stats();
+    return EXIT_OK;
+}
+
 /* --- the parent of a pool (prefork, epoll) -------------------------------------------------- */
 
 static pid_t start_worker(int lfd) {
@@ -453,8 +573,7 @@ static int run_pool(int lfd, int workers, const sigset_t *waitmask, void (*ready
 
 /* The children alive, so that a stop can SIGTERM exactly them (never the process group: it may
  * be the shell's). */
-static pid_t *children;
-static size_t nchildren, children_cap;
+static size_t children_cap;
 
 static void child_started(pid_t pid) {
     if (nchildren == children_cap) {
@@ -548,7 +667,7 @@ int main(int argc, char **argv) {
     long port = 12345, backlog = 128, workers = 2;
 
     if (argc < 2)
-        usage_error("give a mode: %s", "prefork, fork or epoll");
+        usage_error("give a mode: %s", "prefork, fork, epoll or sendmsg");
     if (strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0) {
         fputs(USAGE, stdout);
         return EXIT_OK;
@@ -559,8 +678,10 @@ int main(int argc, char **argv) {
         mode = MODE_FORK;
     else if (strcmp(argv[1], "epoll") == 0)
         mode = MODE_EPOLL;
+    else if (strcmp(argv[1], "sendmsg") == 0)
+        mode = MODE_SENDMSG;
     else
-        usage_error("unknown mode '%s': choose prefork, fork or epoll", argv[1]);
+        usage_error("unknown mode '%s': choose prefork, fork, epoll or sendmsg", argv[1]);
 
     for (int i = 2; i < argc; i++) {
         char *arg = argv[i], *value = strchr(arg, '=');
@@ -612,5 +733,7 @@ int main(int argc, char **argv) {
     set_nonblocking(lfd); /* epoll and fork wait for readiness, then accept() until EAGAIN */
     if (mode == MODE_EPOLL)
         return run_pool(lfd, (int)workers, &waitmask, announce_ready);
+    if (mode == MODE_SENDMSG)
+        return run_sendmsg(lfd, (int)workers, &waitmask, announce_ready);
     return run_fork(lfd, &waitmask, announce_ready);
 }
