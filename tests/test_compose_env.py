@@ -37,12 +37,17 @@ def test_a_users_own_env_file_comes_first_and_a_missing_one_is_a_one_line_error(
     own.write_text("LAB_MAX_THREADS=8\n")
     with compose.server_env_file({compose.SERVER_ENV: str(own), "LAB_LOOP": "uvloop"}) as path:
         assert Path(path).read_text().splitlines() == ["LAB_MAX_THREADS=8", "LAB_LOOP=uvloop"]
-    with pytest.raises(LabError, match="cannot read it.*fix the path"):
-        with compose.server_env_file({compose.SERVER_ENV: str(tmp_path / "nope.env")}):
-            pass
-    with pytest.raises(LabError, match="one line"):
-        with compose.server_env_file({"LAB_WORKER_CMD": "cat\nrm"}):
-            pass
+    missing = {compose.SERVER_ENV: str(tmp_path / "nope.env")}
+    with (
+        pytest.raises(LabError, match=r"cannot read it.*fix the path"),
+        compose.server_env_file(missing),
+    ):
+        pass
+    with (
+        pytest.raises(LabError, match="one line"),
+        compose.server_env_file({"LAB_WORKER_CMD": "cat\nrm"}),
+    ):
+        pass
 
 
 def test_an_option_compose_yaml_does_not_list_reaches_the_server_container() -> None:
