@@ -23,6 +23,7 @@ _REGISTRY = {
     "fork": "lab.sockets.designs.fork:ForkServer",
     "sendmsg": "lab.sockets.designs.sendmsg:SendmsgServer",
     "multi-accept": "lab.sockets.designs.multi_accept:MultiAcceptServer",
+    "select": "lab.sockets.designs.select_loop:SelectServer",
 }
 
 
