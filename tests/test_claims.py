@@ -1,5 +1,5 @@
-"""The seven claims: each gives "holds", "does not hold" and "inconclusive" on data made for it;
-and the control (a design against an identical copy of itself) comes out inconclusive."""
+"""The claims: each gives "holds", "does not hold" and "inconclusive" on data made for it; and
+the control (a design against an identical copy of itself) comes out inconclusive."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ from typing import Any
 import pytest
 from test_report import failed_run, make_results, make_run
 
+from lab.measure import claims as claims_module
+from lab.measure import distribution
 from lab.measure.claims import BACKLOG, HOLDS, INCONCLUSIVE, NOT_HOLDS, POOLS, Claim, evaluate
-from lab.measure.compare import CONTROLS, GROWING, POOL_DESIGNS, VARIANTS
+from lab.measure.compare import ACCEPT_LOCKS, CONTROLS, GROWING, POOL_DESIGNS, VARIANTS
 from lab.measure.report import aggregate, cells_for
 from lab.sockets.designs import DESIGNS
 from lab.sockets.pool import PoolServer
@@ -44,15 +46,21 @@ def design(
     ]
 
 
-def claim(number: int, *runs: list[dict[str, Any]]) -> Claim:
-    result = evaluate(make_results([run for group in runs for run in group]))[number - 1]
+def claim(number: int, *runs: list[dict[str, Any]], **parts: Any) -> Claim:
+    results = make_results([run for group in runs for run in group])
+    results.update(parts)  # other parts of results.json: "distribution" …
+    result = evaluate(results)[number - 1]
     assert result.number == number
     return result
 
 
-def test_seven_claims_and_the_control_with_every_field() -> None:
+#: The control's number: the last claim.
+CONTROL_CLAIM = len(evaluate(make_results([])))
+
+
+def test_every_claim_and_the_control_with_every_field() -> None:
     claims = evaluate(make_results(design("fork")))
-    assert [c.number for c in claims] == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert [c.number for c in claims] == list(range(1, CONTROL_CLAIM + 1))
     assert claims[-1].statement.startswith("control:")
     for c in claims:
         assert c.statement and c.source and c.measurement and c.evidence
@@ -297,6 +305,204 @@ def test_threads_cheaper_inconclusive() -> None:
     assert bound.verdict == INCONCLUSIVE and "loader-bound" in bound.evidence
 
 
+def test_threads_cheaper_is_judged_on_the_labs_own_pairs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each thread design against its process counterpart: all cheaper → holds; one pair
+    dearer → does not hold; a pair that did not run is named, the others still judged."""
+    pairs = (("thread", "fork"), ("prethread-accept", "multi-accept"))
+    monkeypatch.setattr(claims_module, "THREAD_PAIRS", (*pairs, ("peer-threading", "peer-forking")))
+    two = {"1": 500, "2": 500}
+    cheap = [
+        design("thread", cpu=(0.1, 0.11)),
+        design("fork", cpu=(1.0, 1.1)),
+        design("prethread-accept", cpu=(0.05, 0.055), per_worker=two),
+        design("multi-accept", cpu=(0.1, 0.11), per_worker=two),
+    ]
+    c = claim(7, *cheap)
+    assert c.verdict == HOLDS, c.evidence
+    assert "thread vs fork" in c.evidence and "prethread-accept vs multi-accept" in c.evidence
+    assert "peer-threading did not run" in c.evidence  # named, not judged
+    dearer = claim(7, *cheap[:2], design("prethread-accept", cpu=(0.3, 0.31)), cheap[3])
+    assert dearer.verdict == NOT_HOLDS
+
+
+def test_threads_cheaper_never_compares_unequal_pools(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(claims_module, "THREAD_PAIRS", (("prethread-accept", "multi-accept"),))
+    four = {str(pid): 250 for pid in range(1, 5)}
+    c = claim(
+        7,
+        design("prethread-accept", cpu=(0.05, 0.055), per_worker=four),
+        design("multi-accept", cpu=(0.1, 0.11), per_worker={"1": 500, "2": 500}),
+    )
+    assert c.verdict == INCONCLUSIVE and "unequal pools" in c.evidence
+
+
+def test_threads_cheaper_inconclusive_on_overlapping_spreads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(claims_module, "THREAD_PAIRS", (("thread", "fork"),))
+    c = claim(7, design("thread", cpu=(0.5, 1.2)), design("fork", cpu=(0.9, 1.0)))
+    assert c.verdict == INCONCLUSIVE and "not clearly apart" in c.evidence
+
+
+def _fake(name: str, model: str, pool_of: str | None = None) -> type:
+    return type(name, (), {"name": name, "model": model, "pool_of": pool_of})
+
+
+def test_thread_designs_are_paired_with_process_designs_by_their_declared_model(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    registry = {
+        "iterative": _fake("iterative", "one connection at a time"),
+        "fork": _fake("fork", "a process per connection"),
+        "sendmsg": _fake("sendmsg", "a pool of processes fed descriptors", "processes"),
+        "multi-accept": _fake("multi-accept", "a pool of processes that accept", "processes"),
+        "thread": _fake("thread", "a thread per connection"),
+        "prethread-accept": _fake("prethread-accept", "a pool of threads that accept", "threads"),
+        "thread-pool": _fake("thread-pool", "a pool of threads fed by one acceptor", "threads"),
+        "asyncio": _fake("asyncio", "an event loop"),
+    }
+    monkeypatch.setattr(claims_module, "DESIGNS", registry)
+    assert claims_module.thread_process_pairs() == [
+        ("thread", "fork"),
+        ("prethread-accept", "multi-accept"),
+        ("thread-pool", "sendmsg"),
+    ]
+    # the registry as it is: every pair a thread design and a process design
+    monkeypatch.undo()
+    for a, b in claims_module.thread_process_pairs():
+        assert claims_module._made_of(a) == "threads" and claims_module._made_of(b) == "processes"
+
+
+# --- 8. an accept lock is not needed ------------------------------------------------------------
+
+LOCK, BARE = ACCEPT_LOCKS[0]
+
+
+def test_accept_lock_variants_are_the_variants_with_a_lock() -> None:
+    assert ACCEPT_LOCKS and {lock for lock, _ in ACCEPT_LOCKS} >= {
+        "multi-accept+flock",
+        "multi-accept+sem",
+    }
+    for lock, bare in ACCEPT_LOCKS:
+        assert VARIANTS[lock].design == bare and "--accept-lock" in VARIANTS[lock].options
+
+
+def test_accept_lock_holds_when_it_costs_or_gains_nothing() -> None:
+    costs = claim(
+        8,
+        design(LOCK, cpu=(0.2, 0.21), tp=(1000, 1010)),
+        design(BARE, cpu=(0.1, 0.105), tp=(1000, 1010)),
+    )
+    assert costs.verdict == HOLDS and "clearly costs" in costs.evidence
+    same = claim(
+        8,
+        design(LOCK, cpu=(0.100, 0.101), tp=(1000, 1010)),
+        design(BARE, cpu=(0.100, 0.102), tp=(1000, 1020)),
+    )
+    assert same.verdict == HOLDS and "no gain beyond" in same.evidence
+
+
+def test_accept_lock_does_not_hold_when_it_clearly_gains() -> None:
+    c = claim(
+        8,
+        design(LOCK, cpu=(0.05, 0.052), tp=(2000, 2020)),
+        design(BARE, cpu=(0.1, 0.105), tp=(1000, 1010)),
+    )
+    assert c.verdict == NOT_HOLDS and "clearly gains" in c.evidence
+
+
+def test_accept_lock_inconclusive() -> None:
+    overlap = claim(
+        8,
+        design(LOCK, cpu=(0.07, 0.12), tp=(900, 1400)),
+        design(BARE, cpu=(0.09, 0.11), tp=(1000, 1200)),
+    )
+    assert overlap.verdict == INCONCLUSIVE and "might gain up to" in overlap.evidence
+    missing = claim(8, design(BARE))
+    assert missing.verdict == INCONCLUSIVE and f"{LOCK} did not run" in missing.evidence
+    single = claim(8, design(LOCK, cpu=(0.1,)), design(BARE, cpu=(0.1,)))
+    assert single.verdict == INCONCLUSIVE
+
+
+# --- 9. sequential connections across workers (Cloudflare 2017) --------------------------------
+
+
+def _record(name: str, *served: Sequence[int]) -> dict[str, Any]:
+    rounds = [
+        {
+            "served_by": list(s),
+            "counts": (counts := [list(s).count(w) for w in range(distribution.WORKERS)]),
+            "pattern": distribution.classify(counts, len(s)),
+        }
+        for s in served
+    ]
+    patterns = {r["pattern"] for r in rounds}
+    return {
+        "design": name,
+        "rounds": rounds,
+        "pattern": patterns.pop() if len(patterns) == 1 else distribution.VARIES,
+    }
+
+
+def _experiment(*records: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "workers": distribution.WORKERS,
+        "connections": distribution.CONNECTIONS,
+        "rounds": 2,
+        "designs": {r["design"]: r for r in records},
+    }
+
+
+RR = (0, 1, 2, 0, 1, 2)
+ONE = (0, 0, 0, 0, 0, 0)
+DISTRIBUTION_CLAIM = CONTROL_CLAIM - 1
+
+
+def test_sequential_connections_classified() -> None:
+    assert distribution.classify([2, 2, 2], 6) == distribution.ROUND_ROBIN
+    assert distribution.classify([6, 0, 0], 6) == distribution.ONE_WORKER
+    assert distribution.classify([3, 2, 1], 6) == distribution.UNEVEN
+
+
+def test_sequential_connections_holds() -> None:
+    c = claim(
+        DISTRIBUTION_CLAIM,
+        distribution=_experiment(
+            _record("multi-accept", RR, RR),
+            _record("prefork-epoll", ONE, ONE),
+            _record("reuseport", (0, 1, 1, 2, 0, 0), (1, 1, 0, 2, 2, 0)),
+        ),
+    )
+    assert c.verdict == HOLDS, c.evidence
+    assert "served by 0,1,2,0,1,2; 0,1,2,0,1,2 → round-robin" in c.evidence
+    assert "reuseport (observed)" in c.evidence  # shown, not judged
+
+
+def test_sequential_connections_does_not_hold() -> None:
+    c = claim(
+        DISTRIBUTION_CLAIM,
+        distribution=_experiment(
+            _record("multi-accept", (0, 0, 1, 0, 0, 2), RR), _record("prefork-epoll", ONE, ONE)
+        ),
+    )
+    assert c.verdict == NOT_HOLDS and distribution.VARIES in c.evidence
+
+
+def test_sequential_connections_inconclusive() -> None:
+    absent = claim(DISTRIBUTION_CLAIM, design("multi-accept"))
+    assert absent.verdict == INCONCLUSIVE and "did not run" in absent.evidence
+    one_side = claim(DISTRIBUTION_CLAIM, distribution=_experiment(_record("multi-accept", RR, RR)))
+    assert one_side.verdict == INCONCLUSIVE and "prefork-epoll did not run" in one_side.evidence
+    failed = claim(
+        DISTRIBUTION_CLAIM,
+        distribution=_experiment(
+            {"design": "multi-accept", "error": "the server did not answer in time: boom"},
+            _record("prefork-epoll", ONE, ONE),
+        ),
+    )
+    assert failed.verdict == INCONCLUSIVE and "boom" in failed.evidence
+
+
 # --- equal pools --------------------------------------------------------------------------
 
 
@@ -343,7 +549,9 @@ def noisy(name: str, rng: random.Random, cv: float, repeats: int = 3) -> list[di
 
 
 def test_control_identical_values_are_inconclusive() -> None:
-    c = claim(8, design(CONTROL, cpu=(0.1, 0.1, 0.1)), design(COPY, cpu=(0.1, 0.1, 0.1)))
+    c = claim(
+        CONTROL_CLAIM, design(CONTROL, cpu=(0.1, 0.1, 0.1)), design(COPY, cpu=(0.1, 0.1, 0.1))
+    )
     assert c.verdict == INCONCLUSIVE and "as expected" in c.evidence
 
 
@@ -355,7 +563,7 @@ def test_control_noisy_copies_are_inconclusive(cv: float) -> None:
     for seed in range(10):
         rng = random.Random(seed)
         runs = noisy(CONTROL, rng, cv) + noisy(COPY, rng, cv)
-        c = claim(8, runs)
+        c = claim(CONTROL_CLAIM, runs)
         assert c.verdict == INCONCLUSIVE, (seed, c.evidence)
         cells = aggregate(make_results(runs))
         for w in (CPR, "persistent"):
@@ -369,13 +577,13 @@ def test_control_noisy_copies_are_inconclusive(cv: float) -> None:
 
 def test_control_single_runs_are_inconclusive() -> None:
     rng = random.Random(1)
-    c = claim(8, noisy(CONTROL, rng, 0.2, repeats=1), noisy(COPY, rng, 0.2, repeats=1))
+    c = claim(CONTROL_CLAIM, noisy(CONTROL, rng, 0.2, repeats=1), noisy(COPY, rng, 0.2, repeats=1))
     assert c.verdict == INCONCLUSIVE
 
 
 def test_control_a_copy_that_really_differs_is_told_apart() -> None:
     c = claim(
-        8,
+        CONTROL_CLAIM,
         design(CONTROL, cpu=(0.1, 0.105, 0.11), tp=(2000, 2050, 2100)),
         design(COPY, cpu=(0.3, 0.31, 0.32), tp=(900, 950, 1000)),
     )
@@ -384,7 +592,7 @@ def test_control_a_copy_that_really_differs_is_told_apart() -> None:
 
 def test_control_a_copy_that_differs_in_cpu_alone_is_told_apart() -> None:
     c = claim(
-        8,
+        CONTROL_CLAIM,
         design(CONTROL, cpu=(0.1, 0.105, 0.11), tp=(2000, 2050, 2100)),
         design(COPY, cpu=(0.3, 0.31, 0.32), tp=(2000, 2050, 2100)),
     )
@@ -392,5 +600,5 @@ def test_control_a_copy_that_differs_in_cpu_alone_is_told_apart() -> None:
 
 
 def test_control_not_run_is_inconclusive() -> None:
-    c = claim(8, design(CONTROL))
+    c = claim(CONTROL_CLAIM, design(CONTROL))
     assert c.verdict == INCONCLUSIVE and f"{COPY} did not run" in c.evidence

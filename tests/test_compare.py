@@ -268,16 +268,25 @@ def test_compare_command_writes_results_and_report_and_report_rerenders(tmp_path
     assert "multi-accept did not run" in claims[3].evidence
     assert "lab compare --designs iterative,fork" in saved["command"]
     assert "the report:" in result.output
-    # Not a terminal: one plain line per cell, as it starts, in order.
-    cells = [
-        f"[{i}/4] {d} {w} ×2 (repeat 1)"
-        for i, (d, w) in enumerate(
-            ((d, w) for d in ("iterative", "fork") for w in ("connect-per-request", "persistent")),
-            start=1,
-        )
+    # Not a terminal: one plain line per cell, as it starts, in order — the sweep's, then the
+    # full compare's experiments (no pool here: only the idle connections, 0 and 2 held).
+    steps = [
+        *(
+            f"{d} {w} ×2 (repeat 1)"
+            for d in ("iterative", "fork")
+            for w in ("connect-per-request", "persistent")
+        ),
+        *(
+            f"{d} with {n} idle connection(s) (repeat 1)"
+            for d in ("iterative", "fork")
+            for n in (0, 2)
+        ),
     ]
+    cells = [f"[{i}/{len(steps)}] {what}" for i, what in enumerate(steps, start=1)]
     shown = [line for line in result.output.splitlines() if line.startswith("[")]
     assert shown == cells
+    assert [r["idle"] for r in saved["idle"]["runs"]] == [0, 2, 0, 2]
+    assert "## Idle connections" in report
 
     (folder / "report.md").unlink()
     again = runner.invoke(app, ["report", str(folder)])

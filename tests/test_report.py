@@ -302,7 +302,7 @@ def test_report_renders_with_plots(tmp_path: Path) -> None:
         "throughput-persistent.png",
         "latency-connect-per-request.png",
         "cpu-per-request.png",
-        "per-worker.png",
+        *(f"workers-{''.join(ch if ch.isalnum() else '-' for ch in pool)}.png" for pool in POOLS),
     } <= set(pngs)
     for name in pngs:
         assert (tmp_path / "out" / name).read_bytes()[:8] == PNG_MAGIC
@@ -548,3 +548,140 @@ def test_latency_curve_section_and_plot(tmp_path: Path) -> None:
     assert "spawn (latency curve): no open-loop run completed" in text
     plain = render(make_results([make_run("fork")]), tmp_path / "plain").read_text()
     assert "Latency under offered load" not in plain
+
+
+# --- the full compare's experiments: workers, sequential connections, idle, pool size -----------
+
+
+def _experiment_results() -> dict[str, Any]:
+    """multi-accept in the sweep at two concurrencies (two workers), and the three experiments'
+    parts of results.json as `lab compare` writes them."""
+    runs = [
+        make_run("multi-accept", c, repeat=r, per_worker=counts)
+        for c, counts in ((1, {"1": 50, "2": 50}), (64, {"1": 90, "2": 10}))
+        for r in range(2)
+    ]
+    results = make_results(runs)
+    results["distribution"] = {
+        "workers": 3,
+        "connections": 6,
+        "rounds": 1,
+        "designs": {
+            "multi-accept": {
+                "design": "multi-accept",
+                "rounds": [
+                    {"served_by": [0, 1, 2, 0, 1, 2], "counts": [2, 2, 2], "pattern": "round-robin"}
+                ],
+                "pattern": "round-robin",
+            },
+            "sendmsg": {"design": "sendmsg", "error": "the server did not answer in time: boom"},
+        },
+    }
+
+    def held(design: str, idle: int, repeat: int, throughput: float) -> dict[str, Any]:
+        return {**make_run(design, 8, repeat=repeat, throughput=throughput), "idle": idle}
+
+    results["idle"] = {
+        "levels": [0, 2],
+        "concurrency": 8,
+        "duration": 1.5,
+        "runs": [
+            *(held("multi-accept", 0, r, 1000 + r) for r in range(2)),
+            *(held("multi-accept", 2, r, 0) for r in range(2)),
+            *(held("fork", level, r, 500) for level in (0, 2) for r in range(2)),
+        ],
+    }
+    sized = [
+        {**make_run(d, 64, repeat=r, throughput=tp * (1 + 0.01 * r)), "workers": w}
+        for d in ("multi-accept", "sendmsg")
+        for w, tp in ((1, 600), (2, 1000), (4, 1010))
+        for r in range(2)
+    ]
+    results["pool_sizes"] = {
+        "workers": [1, 2, 4],
+        "concurrency": 64,
+        "duration": 1.5,
+        "runs": sized,
+    }
+    return results
+
+
+def test_the_experiments_have_their_sections_and_plots(tmp_path: Path) -> None:
+    text = render(_experiment_results(), tmp_path).read_text()
+
+    workers = text.split("## Connections across workers")[1].split("\n## ")[0]
+    row = next(line for line in workers.splitlines() if line.startswith("| multi-accept"))
+    assert "c=1: 0.50 (even: 0.50, 2 of 2 served)" in row and "c=64: 0.90" in row
+    assert "](workers-multi-accept.png)" in text
+
+    sequential = text.split("## Sequential connections across workers")[1].split("\n## ")[0]
+    assert "| multi-accept | a pool of processes that accept | 0,1,2,0,1,2 | 2,2,2 |" in sequential
+    assert "| round-robin | round-robin |" in sequential
+    assert "| sendmsg | a pool of processes fed descriptors | FAILED: the server" in sequential
+
+    idle = text.split("## Idle connections")[1].split("\n## ")[0]
+    assert "With 2 idle connections held open" in idle
+    assert "pools kept multi-accept 0%" in idle and "the others kept fork 100%" in idle
+    row = next(line for line in idle.splitlines() if line.startswith("| multi-accept"))
+    assert "| 1,000 (1,000–1,001) | 0 | 0% | NO REQUESTS |" in row
+
+    sizes = text.split("## Pool size")[1].split("\n## ")[0]
+    assert "--workers 1, 2, 4" in sizes and "(cores: 2)" in sizes
+    assert "From 2 workers (this machine's cores) to 4, throughput went" in sizes
+    assert "multi-accept ×1.01 (no clear change)" in sizes
+    row = next(line for line in sizes.splitlines() if line.startswith("| sendmsg"))
+    assert row.startswith("| sendmsg | 603 (600–606) | 1,005 (1,000–1,010) |")
+
+    for name in ("idle-connections.png", "pool-sizes.png", "workers-multi-accept.png"):
+        assert (tmp_path / name).read_bytes()[:8] == PNG_MAGIC
+        assert f"]({name})" in text
+
+
+def test_without_the_experiments_there_are_no_sections(tmp_path: Path) -> None:
+    text = render(make_results([make_run("fork")]), tmp_path).read_text()
+    for section in ("Sequential connections", "Idle connections", "Pool size", "across workers"):
+        assert section not in text
+    assert not list(tmp_path.glob("idle-*.png")) and not (tmp_path / "pool-sizes.png").exists()
+
+
+def test_the_per_design_worker_plots_show_low_and_high_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lab.measure import plots
+
+    figures: dict[str, Any] = {}
+    save = plots._save
+
+    def keep(fig: Any, out_dir: Path, filename: str, title: str) -> plots.Plot:
+        figures[filename] = fig
+        return save(fig, out_dir, filename, title)
+
+    monkeypatch.setattr(plots, "_save", keep)
+    render(_experiment_results(), tmp_path)
+    low, high = figures["workers-multi-accept.png"].axes
+    assert low.get_title() == "low load: c=1" and high.get_title() == "high load: c=64"
+    heights = sorted(round(bar.get_height()) for bar in high.patches)
+    assert heights == [10, 10, 90, 90]  # two repeats, busiest first
+    assert "workers-iterative.png" not in figures  # one process is not a pool
+
+
+def test_the_c_column_reads_an_event_loop_against_the_c_epoll_peer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """×C by family: a design declaring family "epoll" (the event loops, reuseport,
+    prefork-epoll) is read against peer-c-epoll."""
+    from lab.measure.peers import C_PEERS
+    from lab.sockets.designs import DESIGNS as REGISTRY
+
+    assert "c-epoll" in C_PEERS
+    loops = [n for n, d in REGISTRY.items() if d.family == "epoll"]
+    loop = type("Loop", (), {"family": "epoll", "name": "a-loop"})
+    monkeypatch.setattr(sweep, "DESIGNS", {**dict(REGISTRY), "a-loop": loop})
+    names = ["a-loop", *loops]
+    assert all(sweep.c_peer(n) == "peer-c-epoll" for n in names)
+    results = make_results(
+        [make_run("peer-c-epoll", 8, cpu_ms=0.02)] + [make_run(n, 8, cpu_ms=0.1) for n in names]
+    )
+    text = render(results, tmp_path).read_text()
+    for name in names:
+        assert _row(text, name, 8)["×C"] == "×5.0", name

@@ -88,6 +88,14 @@ def compare(
             "one's closed-loop maximum, and plot p50/p99 against the offered load"
         ),
     ] = None,
+    experiments: Annotated[
+        bool | None,
+        typer.Option(
+            "--experiments/--no-experiments",
+            help="also: sequential connections across 3 workers, idle connections held, pool "
+            "sizes 1, 2, 4 (default: on, off with --quick)",
+        ),
+    ] = None,
     out: Annotated[Path, typer.Option(help="results folder", envvar="LAB_RESULTS")] = Path(
         "results"
     ),
@@ -114,6 +122,8 @@ def compare(
             if duration:
                 matrix.duration = duration
             matrix.latency_curve = curve
+            # the full compare's experiments beside the sweep (not the quick one)
+            matrix.experiments = (not quick) if experiments is None else experiments
         except ValueError:
             raise typer.BadParameter("--concurrency: give numbers, e.g. 1,8,64") from None
         except BenchError as exc:
@@ -147,6 +157,8 @@ def compare(
                 str(matrix.workers),
                 *(["--latency-curve", ",".join(curve)] if curve else []),
                 *(["--quick"] if quick else []),
+                *(["--no-experiments"] if not quick and not matrix.experiments else []),
+                *(["--experiments"] if quick and matrix.experiments else []),
                 *(["--local"] if local else []),
             ]
         )

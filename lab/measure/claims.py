@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from lab.measure.compare import CONTROLS, GROWING, POOL_DESIGNS, VARIANTS
+from lab.measure.compare import ACCEPT_LOCKS, CONTROLS, GROWING, POOL_DESIGNS, VARIANTS
 from lab.measure.report import CONNECT_PER_REQUEST, Cell, Spread, aggregate, cells_for
 from lab.sockets.designs import DESIGNS
 
@@ -52,6 +52,64 @@ SPAWN_OTHER = next(
 )
 #: The chapter's own designs (claim 4's "the four"): those whose origin is the chapter.
 CHAPTER = tuple(name for name, design in DESIGNS.items() if design.origin.startswith("the chapter"))
+#: A lock around accept() may gain this much, at the most favourable repeats, and still count
+#: as "no clear gain" (claim 8).
+LOCK_MARGIN = 0.10
+
+
+def _made_of(name: str) -> str | None:
+    """What a design serves with, from its declarations: "threads", "processes", or None (an
+    event loop, a program started per connection, one connection at a time)."""
+    design = DESIGNS[name]
+    if design.pool_of is not None:
+        return design.pool_of
+    words = design.model.split()
+    if "thread" in words or "threads" in words:
+        return "threads"
+    if "process" in words or "processes" in words:
+        return "processes"
+    return None
+
+
+def _as_processes(model: str) -> list[str]:
+    swap = {"thread": "process", "threads": "processes"}
+    return [swap.get(word, word) for word in model.split()]
+
+
+def thread_process_pairs() -> list[tuple[str, str]]:
+    """Each thread design with its process counterpart, from the declarations: the process
+    design whose model is the thread design's with "threads" read as "processes"; failing that,
+    the one with a pool exactly when it has one whose model shares the most words. One-to-one,
+    in registry order; a thread design with no counterpart left is not paired."""
+    threads = [n for n in DESIGNS if _made_of(n) == "threads"]
+    processes = [n for n in DESIGNS if _made_of(n) == "processes"]
+    pairs: list[tuple[str, str]] = []
+    left = list(processes)
+    unmatched = []
+    for name in threads:
+        wanted = _as_processes(DESIGNS[name].model)
+        exact = next((p for p in left if DESIGNS[p].model.split() == wanted), None)
+        if exact is None:
+            unmatched.append(name)
+            continue
+        pairs.append((name, exact))
+        left.remove(exact)
+    for name in unmatched:
+        wanted_words = set(_as_processes(DESIGNS[name].model))
+        pooled = DESIGNS[name].pool_of is not None
+        candidates = [p for p in left if (DESIGNS[p].pool_of is not None) == pooled]
+        if not candidates:
+            continue
+        best = max(candidates, key=lambda p: len(wanted_words & set(DESIGNS[p].model.split())))
+        pairs.append((name, best))
+        left.remove(best)
+    order = list(DESIGNS)
+    return sorted(pairs, key=lambda pair: order.index(pair[0]))
+
+
+#: Claim 7's pairs: the lab's thread designs against their process counterparts, and the
+#: standard library's two socketservers.
+THREAD_PAIRS = (*thread_process_pairs(), ("peer-threading", "peer-forking"))
 
 
 @dataclass(frozen=True)
@@ -469,10 +527,111 @@ def _differs(a: str, b: str) -> Callable[[Cell, Sequence[Cell]], tuple[Verdict, 
     return judge
 
 
+def _threads(cells: Sequence[Cell]) -> Claim:
+    pairs = ", ".join(f"{a} vs {b}" for a, b in THREAD_PAIRS)
+    claim = (
+        7,
+        "threads are cheaper than processes",
+        "Stevens, UNIX Network Programming vol. 1, ch. 30",
+        f"server CPU per request, connect-per-request, each thread design against its process "
+        f"counterpart (paired by their declared model): {pairs}; pools only at equal size",
+    )
+    verdicts: list[Verdict] = []
+    lines: list[str] = []
+    reasons: list[str] = []
+    for a, b in THREAD_PAIRS:
+        verdict, found = _pairwise(cells, a, (b,), _versus(a, b, throughput=False))
+        if found:
+            verdicts.append(verdict)
+            lines += [f"{a} vs {b}: {line}" for line in found[-1:]]
+        else:
+            reasons += _missing(cells, (a, b), CONNECT_PER_REQUEST) or [
+                f"{a} vs {b}: no common concurrency"
+            ]
+    if not verdicts:
+        return Claim(*claim, INCONCLUSIVE, _no_data(reasons, "no pair ran"))
+    evidence = "\n".join(lines)
+    if reasons:
+        evidence += "\nnot compared: " + "; ".join(reasons)
+    return Claim(*claim, _combine(verdicts), evidence)
+
+
+def _lock_gain(lock: Spread, bare: Spread, higher_is_better: bool) -> float:
+    """The most a lock could gain, from its best repeat against the lock-less worst one."""
+    if higher_is_better:
+        return lock.high / bare.low - 1 if bare.low > 0 else float("inf")
+    return 1 - lock.low / bare.high if bare.high > 0 else 0.0
+
+
+def _no_gain(
+    lock_name: str, bare_name: str
+) -> Callable[[Cell, Sequence[Cell]], tuple[Verdict, str]]:
+    """The lock (``lock_name``'s cell) against none (``bare_name``'s): clearly better on CPU per
+    connection or throughput, and clearly worse on neither → does not hold; clearly worse and
+    clearly better on neither, or at most :data:`LOCK_MARGIN` better even at its most favourable
+    repeats → holds; a trade-off, or spreads too wide to bound the gain → inconclusive."""
+
+    def judge(cell: Cell, rivals: Sequence[Cell]) -> tuple[Verdict, str]:
+        rival = rivals[0]
+        cpu, rcpu, tp, rtp = _cpu(cell), _cpu(rival), _tp(cell), _tp(rival)
+        if cpu is None or rcpu is None or tp is None or rtp is None:
+            return INCONCLUSIVE, "no CPU per connection or throughput"
+        text = (
+            f"CPU {lock_name} {_fmt(cpu)} vs {bare_name} {_fmt(rcpu)} ms/conn; "
+            f"{_fmt(tp, 0)} vs {_fmt(rtp, 0)} req/s" + _single(cpu, rcpu, tp, rtp)
+        )
+        better = cpu.below(rcpu) or tp.above(rtp)
+        worse = cpu.above(rcpu) or tp.below(rtp)
+        if better and worse:
+            return INCONCLUSIVE, text + " (a trade-off)"
+        if better:
+            return NOT_HOLDS, text + " (the lock clearly gains)"
+        if worse:
+            return HOLDS, text + " (the lock clearly costs)"
+        if not (cpu.repeated and rcpu.repeated and tp.repeated and rtp.repeated):
+            return INCONCLUSIVE, text
+        gain = max(_lock_gain(cpu, rcpu, False), _lock_gain(tp, rtp, True))
+        if gain <= LOCK_MARGIN:
+            return HOLDS, text + f" (no gain beyond {gain:.0%} even at its best repeats)"
+        return INCONCLUSIVE, text + UNCLEAR + f": the lock might gain up to {gain:.0%}"
+
+    return judge
+
+
+def _accept_lock(cells: Sequence[Cell]) -> Claim:
+    locks = ", ".join(f"{lock} vs {bare}" for lock, bare in ACCEPT_LOCKS) or "no lock variant"
+    claim = (
+        8,
+        "an accept lock is not needed on Linux: a lock around accept() brings no clear gain",
+        "Stevens, UNIX Network Programming vol. 1, ch. 30 (servers 3 and 4); accept(2) wakes one "
+        "exclusive waiter",
+        f"server CPU per connection and throughput, connect-per-request: {locks}; a gain of at "
+        f"most {LOCK_MARGIN:.0%} at the lock's most favourable repeats counts as none",
+    )
+    verdicts: list[Verdict] = []
+    lines: list[str] = []
+    reasons: list[str] = []
+    for lock, bare in ACCEPT_LOCKS:
+        verdict, found = _pairwise(cells, lock, (bare,), _no_gain(lock, bare))
+        if found:
+            verdicts.append(verdict)
+            lines += [f"{lock} vs {bare}: {line}" for line in found[-2:]]
+        else:
+            reasons += _missing(cells, (lock, bare), CONNECT_PER_REQUEST) or [
+                f"{lock} vs {bare}: no common concurrency"
+            ]
+    if not verdicts:
+        return Claim(*claim, INCONCLUSIVE, _no_data(reasons, "no lock variant ran"))
+    evidence = "\n".join(lines)
+    if reasons:
+        evidence += "\nnot compared: " + "; ".join(reasons)
+    return Claim(*claim, _combine(verdicts), evidence)
+
+
 def _control(cells: Sequence[Cell]) -> Claim:
     pairs = " and ".join(f"{a} vs {b}" for a, b in CONTROLS) or "no control variant"
     claim = (
-        len(_CLAIMS) + 1,
+        len(_CLAIMS) + len(_RESULT_CLAIMS) + 1,
         f"control: a design differs from an identical copy of itself ({pairs}) — the expected "
         "verdict is inconclusive; anything else means the judging calls noise a difference",
         "the lab's own check of its judging (compare.VARIANTS)",
@@ -517,19 +676,76 @@ _CLAIMS: tuple[Callable[[Sequence[Cell]], Claim], ...] = (
         "sendmsg",
         throughput=True,
     ),
-    _head_to_head(
-        7,
-        "threads are cheaper than processes",
-        "Stevens, UNIX Network Programming vol. 1, ch. 30",
-        "peer-threading",
-        "peer-forking",
-        throughput=False,
-    ),
+    _threads,
+    _accept_lock,
 )
 
 
+def _distribution(results: Mapping[str, Any]) -> Claim:
+    from lab.measure import distribution as d
+
+    expected = ", ".join(f"{name} {pattern}" for name, pattern in d.EXPECTED.items())
+    claim = (
+        len(_CLAIMS) + 1,
+        f"sequential connections: workers blocking in accept() take them in turn (FIFO, "
+        f"round-robin); workers in epoll_wait with EPOLLEXCLUSIVE leave them all to one (LIFO) "
+        f"— {expected}",
+        'Cloudflare, "Why does one NGINX worker take all the load?" (2017)',
+        f"{d.WORKERS} workers, {d.CONNECTIONS} sequential connections with the lab's client, "
+        "each closed before the next opens; the server's per-worker counts after each say who "
+        "served it (every pool design; the expectation for the two Cloudflare compared)",
+    )
+    found = results.get("distribution")
+    if not isinstance(found, Mapping):
+        return Claim(
+            *claim, INCONCLUSIVE, "the experiment did not run (a full `lab compare` runs it)"
+        )
+    records: Mapping[str, Any] = found.get("designs") or {}
+    verdicts: list[Verdict] = []
+    lines: list[str] = []
+    for name, pattern in d.EXPECTED.items():
+        record = records.get(name)
+        if record is None:
+            verdicts.append(INCONCLUSIVE)
+            lines.append(f"{name} did not run")
+            continue
+        if "error" in record:
+            verdicts.append(INCONCLUSIVE)
+            lines.append(f"{name}: failed ({record['error']})")
+            continue
+        seen = str(record.get("pattern"))
+        verdict = HOLDS if seen == pattern else NOT_HOLDS
+        if seen.startswith("unknown"):
+            verdict = INCONCLUSIVE
+        verdicts.append(verdict)
+        lines.append(f"{name}: {_rounds_text(record)} → {seen} (expected {pattern}) → {verdict}")
+    others = [n for n in records if n not in d.EXPECTED]
+    for name in others:
+        record = records[name]
+        seen = record.get("error") or f"{_rounds_text(record)} → {record.get('pattern')}"
+        lines.append(f"{name} (observed): {seen}")
+    return Claim(*claim, _combine(verdicts), "\n".join(lines))
+
+
+def _rounds_text(record: Mapping[str, Any]) -> str:
+    """``served by 0,1,2,0,1,2; 0,1,2,0,1,2`` — each round's serving workers."""
+    rounds = record.get("rounds") or []
+    served = [
+        ",".join("?" if w is None else str(w) for w in r.get("served_by") or []) for r in rounds
+    ]
+    return "served by " + "; ".join(served) if served else "no round"
+
+
+#: The claims judged on other parts of results.json than the sweep's cells.
+_RESULT_CLAIMS: tuple[Callable[[Mapping[str, Any]], Claim], ...] = (_distribution,)
+
+
 def evaluate(results: Mapping[str, Any]) -> list[Claim]:
-    """The seven claims and the control, each with its verdict on ``results`` (a
+    """Every claim and the control, each with its verdict on ``results`` (a
     ``results.json``)."""
     cells = aggregate(results)
-    return [*(judge(cells) for judge in _CLAIMS), _control(cells)]
+    return [
+        *(judge(cells) for judge in _CLAIMS),
+        *(judge(results) for judge in _RESULT_CLAIMS),
+        _control(cells),
+    ]

@@ -65,6 +65,18 @@ VARIANTS = {
         "(the design's default)",
         growth=GROWTH,
     ),
+    "multi-accept+flock": Variant(
+        "multi-accept",
+        "multi-accept with --accept-lock flock: each worker holds a flock() on a shared file "
+        "around accept() (Stevens' server 3)",
+        ("--accept-lock", "flock"),
+    ),
+    "multi-accept+sem": Variant(
+        "multi-accept",
+        "multi-accept with --accept-lock sem: a process-shared semaphore around accept() "
+        "(Stevens' server 4, a lock in shared memory)",
+        ("--accept-lock", "sem"),
+    ),
     "multi-accept#2": Variant(
         "multi-accept",
         "control: multi-accept again with identical options — the judging must tell it apart "
@@ -73,6 +85,12 @@ VARIANTS = {
 }
 #: The growing pool: what "sendmsg stays unhindered" is judged on.
 GROWING = next(name for name, variant in VARIANTS.items() if variant.growth > 1)
+#: (variant, its base design): the same design with a lock around accept() (claim 8).
+ACCEPT_LOCKS = tuple(
+    (name, variant.design)
+    for name, variant in VARIANTS.items()
+    if "--accept-lock" in variant.options
+)
 #: (design, its copy): the controls.
 CONTROLS = tuple((variant.design, name) for name, variant in VARIANTS.items() if variant.copy)
 PEER_NAMES = tuple(f"peer-{name}" for name in sorted(PEERS))
@@ -100,6 +118,10 @@ class Matrix:
     #: Designs (or variants, peers) also run open loop at :data:`CURVE_FRACTIONS` of their
     #: closed-loop maximum throughput: latency against offered load.
     latency_curve: list[str] = field(default_factory=list)
+    #: The full compare's experiments beside the sweep (lab.measure.distribution and
+    #: lab.measure.experiments): sequential connections across workers, idle connections,
+    #: pool sizes.
+    experiments: bool = False
 
 
 def all_servers() -> list[str]:
@@ -199,7 +221,7 @@ def compare(
     runs: list[dict[str, Any]] = []
     backend = make_backend()  # one for the sweep: it may keep a server running between runs
     cells = len(matrix.designs) * len(matrix.workloads) * len(matrix.concurrency)
-    total = cells * matrix.repeats + _curve_steps(matrix)
+    total = cells * matrix.repeats + _curve_steps(matrix) + _experiment_steps(matrix)
     done = 0
     # Design by design, its repeats together: each server starts once (a switch in the
     # containers waits for health; that and the idle measurement are paid per design).
@@ -213,6 +235,7 @@ def compare(
                     entry = {"workload": workload, "concurrency": concurrency, "repeat": repeat}
                     runs.append(_run(backend, matrix, name, entry))
     curve = _latency_curve(backend, matrix, runs, progress, done, total)
+    extra = _experiments(backend, matrix, progress, done + _curve_steps(matrix), total)
     close = getattr(backend, "close", None)
     if close is not None:
         close()
@@ -229,7 +252,42 @@ def compare(
     }
     if matrix.latency_curve:
         results["latency_curve"] = curve
+    results.update(extra)
     return results
+
+
+def _experiment_steps(matrix: Matrix) -> int:
+    if not matrix.experiments:
+        return 0
+    from lab.measure import distribution, experiments
+
+    return (
+        len(distribution.designs_for(matrix.designs))
+        + experiments.idle_steps(matrix)
+        + experiments.pool_steps(matrix)
+    )
+
+
+def _experiments(
+    backend: Backend, matrix: Matrix, progress: Callable[[Step], None], done: int, total: int
+) -> dict[str, Any]:
+    """The full compare's experiments (see :attr:`Matrix.experiments`), keyed as results.json
+    keeps them: ``distribution``, ``idle``, ``pool_sizes``."""
+    if not matrix.experiments:
+        return {}
+    from lab.measure import distribution, experiments
+
+    counter = [done]
+
+    def step(what: str) -> None:
+        progress(Step(counter[0], total, what))
+        counter[0] += 1
+
+    return {
+        "distribution": distribution.run(backend, matrix.designs, step),
+        "idle": experiments.idle(backend, matrix, step),
+        "pool_sizes": experiments.pool_sizes(backend, matrix, step),
+    }
 
 
 def _run(

@@ -7,12 +7,20 @@ instead of failing the report.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from lab.measure.report import Cell, CurvePoint, Spread, cells_for, primary_workload, top_cells
+from lab.measure.report import (
+    Cell,
+    CurvePoint,
+    Spread,
+    cells_for,
+    experiment_cells,
+    primary_workload,
+    top_cells,
+)
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -67,8 +75,10 @@ def draw(
     designs: Sequence[str],
     out_dir: Path,
     curve: Sequence[CurvePoint] = (),
+    results: Mapping[str, Any] | None = None,
 ) -> tuple[list[Plot], list[str]]:
-    """Draw every plot into ``out_dir``: the plots drawn, and notes on what was skipped."""
+    """Draw every plot into ``out_dir`` (with ``results``, the full compare's experiments'
+    too): the plots drawn, and notes on what was skipped."""
     plots: list[Plot] = []
     notes: list[str] = []
     workloads = list(dict.fromkeys(c.workload for c in cells))
@@ -80,6 +90,9 @@ def draw(
     _workers(cells, designs, out_dir, plots, notes)
     if curve:
         _curve(curve, out_dir, plots, notes)
+    if results is not None:
+        _idle(results, out_dir, plots, notes)
+        _pool_sizes(results, out_dir, plots, notes)
     return plots, list(dict.fromkeys(notes))
 
 
@@ -271,34 +284,151 @@ def _workers(
     plots: list[Plot],
     notes: list[str],
 ) -> None:
+    """One plot per design whose statistics count by worker: the connections of every worker
+    (busiest first, a bar per repeat) at the lowest and at the highest concurrency."""
+    from lab.measure.compare import POOL_DESIGNS, base_design
+
     workload = primary_workload(cells)
     if workload is None:
         return
-    pools = [c for c in top_cells(cells, designs, workload) if c.per_worker]
-    if not pools:
-        notes.append("per-worker distribution: no pool design kept per-worker counts — skipped")
-        return
-    fig = _figure(8.0, 2.8 * len(pools))
-    axes = fig.subplots(len(pools), 1, squeeze=False)
-    for ax, cell in zip((row[0] for row in axes), pools, strict=True):
-        repeats = cell.per_worker
-        width = 0.8 / len(repeats)
-        for r, counts in enumerate(repeats):
-            ordered = sorted(counts.values(), reverse=True)
-            ax.bar(
-                [x + r * width for x in range(len(ordered))],
-                ordered,
-                width,
-                label=f"repeat {r + 1}",
+    drawn = 0
+    for design in designs:
+        mine = {
+            c: cell for c, cell in cells_for(cells, design, workload).items() if cell.per_worker
+        }
+        if not mine or base_design(design) not in POOL_DESIGNS:
+            continue  # one process (iterative) counts by worker too: itself
+        loads = sorted({min(mine), max(mine)})
+        fig = _figure(4.5 * len(loads), 3.2)
+        axes = fig.subplots(1, len(loads), squeeze=False)[0]
+        for ax, concurrency, label in zip(axes, loads, ("low load", "high load"), strict=False):
+            cell = mine[concurrency]
+            repeats = cell.per_worker
+            slots = max(len(counts) for counts in repeats)
+            if cell.pool is not None:
+                slots = max(slots, int(cell.pool.high))  # workers that served none, at zero
+            width = 0.8 / len(repeats)
+            for r, counts in enumerate(repeats):
+                ordered = sorted(counts.values(), reverse=True)
+                ordered += [0] * (slots - len(ordered))
+                ax.bar(
+                    [x + r * width for x in range(slots)],
+                    ordered,
+                    width,
+                    label=f"repeat {r + 1}",
+                )
+            title = label if len(loads) > 1 else "one concurrency"
+            ax.set_title(f"{title}: c={concurrency}", fontsize="medium")
+            ax.set_xticks(
+                [x + width * (len(repeats) - 1) / 2 for x in range(slots)],
+                [str(x + 1) for x in range(slots)],
             )
-        ax.set_title(f"{cell.design}, {workload}, c={cell.concurrency}", fontsize="medium")
-        slots = max(len(counts) for counts in repeats)
-        ax.set_xticks(
-            [x + width * (len(repeats) - 1) / 2 for x in range(slots)],
-            [str(x + 1) for x in range(slots)],
+            ax.set_xlabel("worker (busiest first)")
+            ax.set_ylabel("connections")
+            if len(repeats) > 1:
+                ax.legend(fontsize="x-small")
+        fig.suptitle(f"{design}: connections per worker — {workload}", fontsize="medium")
+        name = f"workers-{_slug(design)}.png"
+        plots.append(_save(fig, out_dir, name, f"Connections per worker, {design}"))
+        drawn += 1
+    if not drawn:
+        notes.append("per-worker distribution: no pool design kept per-worker counts — skipped")
+
+
+def _grouped(
+    ax: Axes, groups: Sequence[tuple[str, Sequence[Spread | None]]], labels: Sequence[str]
+) -> None:
+    """Bars of medians, a group per design and a bar per label, with a dot per repeat."""
+    width = 0.8 / max(len(labels), 1)
+    for i, label in enumerate(labels):
+        xs = [x + i * width for x in range(len(groups))]
+        values = [
+            spread.median if (spread := spreads[i]) is not None else 0.0 for _, spreads in groups
+        ]
+        bars = ax.bar(xs, values, width, label=label)
+        color = bars.patches[0].get_facecolor() if bars.patches else None
+        for x, (_, spreads) in zip(xs, groups, strict=True):
+            _repeats(ax, x, spreads[i], color)
+    ax.set_xticks([x + width * (len(labels) - 1) / 2 for x in range(len(groups))])
+    ax.set_xticklabels([name for name, _ in groups], fontsize="small", rotation=20)
+    ax.legend(fontsize="small")
+    ax.grid(True, axis="y", alpha=0.3)
+
+
+def _idle(results: Mapping[str, Any], out_dir: Path, plots: list[Plot], notes: list[str]) -> None:
+    """Active throughput per design with no idle connection and with the idle ones held."""
+    levels = experiment_cells(results, "idle", "idle")
+    if not results.get("idle"):
+        return
+    if len(levels) < 2:
+        notes.append("idle connections: fewer than two levels measured — plot skipped")
+        return
+    by_level = {level: {c.design: c for c in cells} for level, cells in levels.items()}
+    designs = list(dict.fromkeys(d for cells in by_level.values() for d in cells))
+    groups = [
+        (
+            d,
+            [
+                cell.throughput if (cell := by_level[level].get(d)) is not None else None
+                for level in by_level
+            ],
         )
-        ax.set_xlabel("worker (busiest first)")
-        ax.set_ylabel("connections")
-        if len(repeats) > 1:
-            ax.legend(fontsize="x-small")
-    plots.append(_save(fig, out_dir, "per-worker.png", "Connections per worker (pool designs)"))
+        for d in designs
+    ]
+    fig = _figure(max(8.0, 0.9 * len(designs) + 2), 4.5)
+    ax = fig.add_subplot()
+    _grouped(ax, groups, [f"{level} idle connections" for level in by_level])
+    ax.set_ylabel("active requests/s (median; dots: repeats)")
+    ax.set_title(
+        f"Throughput of {results['idle'].get('concurrency')} active clients with idle "
+        "connections held open"
+    )
+    plots.append(_save(fig, out_dir, "idle-connections.png", "Throughput with idle connections"))
+
+
+def _pool_sizes(
+    results: Mapping[str, Any], out_dir: Path, plots: list[Plot], notes: list[str]
+) -> None:
+    """Throughput against the pool's size, a line per pool design."""
+    sizes = experiment_cells(results, "pool_sizes", "workers")
+    if not results.get("pool_sizes"):
+        return
+    if not sizes:
+        notes.append("pool size: nothing measured — plot skipped")
+        return
+    by_size = {w: {c.design: c for c in cells} for w, cells in sizes.items()}
+    designs = list(dict.fromkeys(d for cells in by_size.values() for d in cells))
+    fig = _figure()
+    ax = fig.add_subplot()
+    drawn = 0
+    for design in designs:
+        points = [
+            (w, cell.throughput)
+            for w, cells in by_size.items()
+            if (cell := cells.get(design)) is not None and cell.measured and cell.throughput
+        ]
+        if not points:
+            notes.append(f"{design} (pool size): no request completed — not plotted")
+            continue
+        (line,) = ax.plot(
+            [w for w, _ in points], [tp.median for _, tp in points], marker="o", label=design
+        )
+        for w, tp in points:
+            _repeats(ax, w, tp, line.get_color())
+        drawn += 1
+    if not drawn:
+        notes.append("pool size: nothing measured — plot skipped")
+        return
+    cores = (results.get("environment") or {}).get("cores")
+    if isinstance(cores, int):
+        ax.axvline(cores, color="grey", linestyle=":", label=f"{cores} cores")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(list(by_size), [str(w) for w in by_size])
+    ax.minorticks_off()
+    ax.set_xlabel("--workers")
+    ax.set_ylabel("requests/s (median; dots: repeats)")
+    concurrency = results["pool_sizes"].get("concurrency")
+    ax.set_title(f"Throughput vs pool size — connect-per-request, c={concurrency}")
+    ax.legend(fontsize="small", ncols=2)
+    ax.grid(True, alpha=0.3)
+    plots.append(_save(fig, out_dir, "pool-sizes.png", "Throughput vs pool size"))

@@ -588,6 +588,280 @@ def starvation_lines(cells: Sequence[Cell]) -> list[str]:
     return lines
 
 
+# --- the full compare's experiments (lab.measure.distribution, lab.measure.experiments) ---------
+
+
+def experiment_cells(results: Mapping[str, Any], key: str, by: str) -> dict[int, list[Cell]]:
+    """An experiment's runs (``results[key]``) aggregated as the sweep's are, one list of cells
+    per value of ``by`` (the idle connections held, the pool size)."""
+    part = results.get(key) or {}
+    groups: dict[int, list[Mapping[str, Any]]] = {}
+    for run in part.get("runs", []) if isinstance(part, Mapping) else []:
+        groups.setdefault(_as_int(run.get(by)), []).append(run)
+    order = {"matrix": {"designs": design_order(results)}}
+    return {level: aggregate({**order, "runs": runs}) for level, runs in sorted(groups.items())}
+
+
+def _by_design(cells: Sequence[Cell]) -> dict[str, Cell]:
+    return {c.design: c for c in cells}
+
+
+def busiest_share(counts: Mapping[str, int]) -> float | None:
+    """The busiest worker's share of the connections (1/workers is an even spread)."""
+    total = sum(counts.values())
+    return max(counts.values()) / total if total else None
+
+
+def spread_lines(cells: Sequence[Cell], designs: Sequence[str]) -> list[str]:
+    """Connections across workers at the lowest and the highest concurrency, for each design
+    whose statistics count by worker: the busiest worker's share, median over repeats."""
+    from lab.measure.compare import POOL_DESIGNS, base_design
+
+    workload = primary_workload(cells)
+    if workload is None:
+        return []
+    rows = []
+    for design in designs:
+        mine = {
+            c: cell for c, cell in cells_for(cells, design, workload).items() if cell.per_worker
+        }
+        if not mine or base_design(design) not in POOL_DESIGNS:
+            continue  # one process (iterative) counts by worker too: itself
+        texts = []
+        for concurrency in sorted({min(mine), max(mine)}):
+            cell = mine[concurrency]
+            shares = Spread.of(busiest_share(counts) for counts in cell.per_worker)
+            size = max(len(counts) for counts in cell.per_worker)
+            pool = int(cell.pool.high) if cell.pool is not None else size
+            texts.append(
+                f"c={concurrency}: {_cell_text(shares, 2)} (even: {1 / max(pool, 1):.2f}, "
+                f"{size} of {pool} served)"
+            )
+        rows.append([design, _model(design), *texts, *([""] * (2 - len(texts)))])
+    if not rows:
+        return []
+    return [
+        "## Connections across workers",
+        "",
+        f"{workload}: the busiest worker's share of the connections each run (median, spread over "
+        "repeats) at the lowest and the highest concurrency; a plot per design shows every "
+        "worker.",
+        "",
+        *_table(["design", "serves with", "low load", "high load"], rows),
+        "",
+    ]
+
+
+def _model(name: str) -> str:
+    from lab.measure.compare import base_design
+    from lab.sockets.designs import DESIGNS
+
+    design = base_design(name)
+    return DESIGNS[design].model if design is not None else ""
+
+
+def distribution_lines(results: Mapping[str, Any]) -> list[str]:
+    """Cloudflare's experiment: which worker served each sequential connection."""
+    found = results.get("distribution")
+    if not isinstance(found, Mapping) or not found.get("designs"):
+        return []
+    from lab.measure.distribution import EXPECTED
+
+    rows = []
+    for name, record in found["designs"].items():
+        if "error" in record:
+            rows.append([name, _model(name), f"FAILED: {record['error']}", "", "", ""])
+            continue
+        rounds = record.get("rounds") or []
+        served = "; ".join(
+            ",".join("?" if w is None else str(w) for w in r.get("served_by") or []) for r in rounds
+        )
+        counts = "; ".join(",".join(str(n) for n in r.get("counts") or []) for r in rounds)
+        rows.append(
+            [
+                name,
+                _model(name),
+                served,
+                counts,
+                str(record.get("pattern", "?")),
+                EXPECTED.get(name, "—"),
+            ]
+        )
+    return [
+        "## Sequential connections across workers",
+        "",
+        f"Cloudflare's experiment (2017): --workers {found.get('workers')}, "
+        f"{found.get('connections')} connections one after another (each closed before the next "
+        f"opens), {found.get('rounds')} rounds on the same server; the server's per-worker counts "
+        "after each connection say which worker served it (workers numbered in the order they "
+        "first served). Blocking accept() queues its waiters FIFO: round-robin; EPOLLEXCLUSIVE "
+        "wakes the most recently idle: one worker takes them all.",
+        "",
+        *_table(
+            [
+                "design",
+                "serves with",
+                "served by (each round)",
+                "per worker",
+                "pattern",
+                "expected",
+            ],
+            rows,
+        ),
+        "",
+    ]
+
+
+def _kept(before: Cell | None, after: Cell | None) -> float | None:
+    if before is None or after is None or before.throughput is None or after.throughput is None:
+        return None
+    if before.throughput.median <= 0:
+        return None
+    return after.throughput.median / before.throughput.median
+
+
+def idle_groups(designs: Sequence[str]) -> dict[str, list[str]]:
+    """The designs by how idle connections can hold them, from their declarations: a pool
+    whose workers serve one connection at a time, an event loop (no serial options: it serves
+    every connection it accepted), or a server per connection (one process, thread, program —
+    or one at a time)."""
+    from lab.sockets.designs import DESIGNS
+
+    groups: dict[str, list[str]] = {"pools": [], "event loops": [], "the others": []}
+    for name in designs:
+        design = DESIGNS[name]
+        if design.serial_options is None:
+            groups["event loops"].append(name)
+        elif design.pool_of is not None:
+            groups["pools"].append(name)
+        else:
+            groups["the others"].append(name)
+    return groups
+
+
+def idle_lines(results: Mapping[str, Any]) -> list[str]:
+    """Active throughput with idle connections held open, design by design."""
+    found = results.get("idle")
+    levels = experiment_cells(results, "idle", "idle")
+    if not isinstance(found, Mapping) or len(levels) < 2:
+        return []
+    low, high = min(levels), max(levels)
+    none, held = _by_design(levels[low]), _by_design(levels[high])
+    designs = list(dict.fromkeys([*none, *held]))
+    rows = []
+    kept: dict[str, float] = {}
+    for name in designs:
+        a, b = none.get(name), held.get(name)
+        share = _kept(a, b)
+        if share is not None:
+            kept[name] = share
+        flags = ", ".join(b.flags()) if b is not None else "did not run"
+        rows.append(
+            [
+                name,
+                _model(name),
+                _cell_text(a.throughput if a else None),
+                _cell_text(b.throughput if b else None),
+                f"{share:.0%}" if share is not None else "—",
+                flags,
+            ]
+        )
+    sentences = []
+    for group, names in idle_groups(designs).items():
+        shown = [f"{n} {kept[n]:.0%}" for n in names if n in kept]
+        if shown:
+            sentences.append(f"{group} kept {', '.join(shown)}")
+    sentence = (
+        f"With {high} idle connections held open (one per pool worker), "
+        + "; ".join(sentences)
+        + " of their throughput. A pool's worker serving an idle client is held by it; an event "
+        "loop is not, and a server per connection starts one more."
+        if sentences
+        else "No design was measured both with and without idle connections."
+    )
+    return [
+        "## Idle connections",
+        "",
+        f"{found.get('concurrency')} active clients, connect-per-request, "
+        f"{found.get('duration')} s per run, first with {low} and then with {high} idle "
+        "connections held open (connected, sending nothing) for the whole run.",
+        "",
+        sentence,
+        "",
+        *_table(
+            [
+                "design",
+                "serves with",
+                f"req/s, {low} idle",
+                f"req/s, {high} idle",
+                "kept",
+                f"flags ({high} idle)",
+            ],
+            rows,
+        ),
+        "",
+    ]
+
+
+def pool_size_lines(results: Mapping[str, Any]) -> list[str]:
+    """Every pool design at each pool size: throughput and CPU per request, and what doubling
+    the pool beyond the machine's cores gave."""
+    found = results.get("pool_sizes")
+    sizes = experiment_cells(results, "pool_sizes", "workers")
+    if not isinstance(found, Mapping) or not sizes:
+        return []
+    by_size = {w: _by_design(cells) for w, cells in sizes.items()}
+    designs = list(dict.fromkeys(d for cells in by_size.values() for d in cells))
+    cores = (results.get("environment") or {}).get("cores")
+    rows, notes = [], []
+    for name in designs:
+        cells = [by_size[w].get(name) for w in sizes]
+        tps = [c.throughput if c else None for c in cells]
+        cpus = [c.cpu_s_per_1000 if c else None for c in cells]
+        rows.append(
+            [
+                name,
+                *(_cell_text(tp) for tp in tps),
+                *(_cell_text(cpu, 3) for cpu in cpus),
+            ]
+        )
+        if isinstance(cores, int) and cores in sizes and max(sizes) > cores:
+            at, beyond = by_size[cores].get(name), by_size[max(sizes)].get(name)
+            if at and beyond and at.throughput and beyond.throughput and at.throughput.median:
+                ratio = beyond.throughput.median / at.throughput.median
+                clear = (
+                    "more"
+                    if beyond.throughput.above(at.throughput)
+                    else "less"
+                    if beyond.throughput.below(at.throughput)
+                    else "no clear change"
+                )
+                notes.append(f"{name} ×{ratio:.2f} ({clear})")
+    header = [
+        "design",
+        *(f"req/s, {w} worker{'s' * (w != 1)}" for w in sizes),
+        *(f"CPU ms/req, {w}" for w in sizes),
+    ]
+    sentence = (
+        f"From {cores} workers (this machine's cores) to {max(sizes)}, throughput went "
+        + ", ".join(notes)
+        + "."
+        if notes
+        else ""
+    )
+    return [
+        "## Pool size",
+        "",
+        f"Every pool design at --workers {', '.join(str(w) for w in sizes)}, connect-per-request "
+        f"at concurrency {found.get('concurrency')}, {found.get('duration')} s per run "
+        f"(cores: {cores if cores is not None else '?'}).",
+        "",
+        *([sentence, ""] if sentence else []),
+        *_table(header, rows),
+        "",
+    ]
+
+
 def _flatten(data: Mapping[str, Any], prefix: str = "") -> list[tuple[str, str]]:
     items: list[tuple[str, str]] = []
     for key, value in data.items():
@@ -661,6 +935,11 @@ def render(results: Mapping[str, Any], out_dir: Path) -> Path:
     if starved:
         lines += ["## Starved connections", "", *starved, ""]
 
+    lines += spread_lines(cells, designs)
+    lines += distribution_lines(results)
+    lines += idle_lines(results)
+    lines += pool_size_lines(results)
+
     lines += [
         "## Claims",
         "",
@@ -685,7 +964,7 @@ def render(results: Mapping[str, Any], out_dir: Path) -> Path:
     if results.get("latency_curve"):
         lines += curve_lines(results, points)
 
-    drawn, notes = draw(cells, designs, out_dir, points)
+    drawn, notes = draw(cells, designs, out_dir, points, results)
     lines += ["## Plots", ""]
     for plot in drawn:
         lines += [f"![{plot.title}]({plot.filename})", ""]
