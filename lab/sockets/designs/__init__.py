@@ -23,6 +23,9 @@ _REGISTRY = {
     "fork": "lab.sockets.designs.fork:ForkServer",
     "sendmsg": "lab.sockets.designs.sendmsg:SendmsgServer",
     "multi-accept": "lab.sockets.designs.multi_accept:MultiAcceptServer",
+    "thread": "lab.sockets.designs.thread:ThreadPerConnectionServer",
+    "prethread-accept": "lab.sockets.designs.prethread_accept:PrethreadAcceptServer",
+    "thread-pool": "lab.sockets.designs.thread_pool:ThreadPoolServer",
     "select": "lab.sockets.designs.select_loop:SelectServer",
 }
 
