@@ -3,14 +3,15 @@
 Runs on the containerised lab by default (server container + every client container as a
 loader), or with ``--local`` as local processes on loopback (no Docker). The work is
 :func:`lab.measure.bench.bench`; this module picks the backend, shows progress, prints a table
-(or ``--json``).
+(or ``--json``). ``--server-cmd`` measures a user's own server instead (lab.measure.usercmd).
 """
 
 from __future__ import annotations
 
 import json
 import sys
-from typing import Annotated, Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -18,10 +19,14 @@ from rich.table import Table
 
 from lab.cli.errors import user_errors
 
+if TYPE_CHECKING:
+    from lab.measure.bench import ServerSpec
+
 console = Console(width=None if sys.stdout.isatty() else 160, stderr=False)
 
 
 def bench(
+    ctx: typer.Context,
     design: Annotated[
         str,
         typer.Option(help="a design, or a peer (peer-threading …)", envvar="LAB_DESIGN"),
@@ -50,11 +55,29 @@ def bench(
     pin: Annotated[
         bool, typer.Option(help="the server on core 0, the loaders on core 1 (two cores or more)")
     ] = False,
+    server_cmd: Annotated[
+        str | None,
+        typer.Option(
+            help="measure your own echo server instead: its command line, with {port} where it "
+            "takes the port the lab chooses (and {host}, the address, if it takes one)",
+        ),
+    ] = None,
+    name: Annotated[str, typer.Option(help="--server-cmd: its name in the results")] = "user",
+    mount: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="--server-cmd in the containers: a host file or folder it needs, mounted "
+            "read-only at the same path (repeatable; the container starts in the current "
+            "folder when it is mounted, e.g. --mount .)",
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON for machines")] = False,
 ) -> None:
-    """Load one design (or peer) and measure it: throughput, latency, server CPU and memory."""
+    """Load one design (or peer, or your own server) and measure it: throughput, latency,
+    server CPU and memory."""
+    spec = _server_spec(ctx, design, workers, server_cmd, name, mount or [])
     result = _bench(
-        design,
+        spec,
         workload,
         concurrency,
         duration,
@@ -62,7 +85,6 @@ def bench(
         size,
         per_connection,
         rate,
-        workers,
         processes,
         local,
         pin,
@@ -73,8 +95,54 @@ def bench(
         console.print(result_table([result]))
 
 
-def _bench(
+def _server_spec(
+    ctx: typer.Context,
     design: str,
+    workers: int | None,
+    server_cmd: str | None,
+    name: str,
+    mounts: list[Path],
+) -> ServerSpec:
+    """What to measure: a design, a peer, or the user's command (checked: one line, exit 2)."""
+    from lab.measure.bench import ServerSpec
+    from lab.measure.compare import all_servers
+    from lab.measure.peers import PEERS
+    from lab.measure.usercmd import UserServerError, check_name, parse_command, resolve_mounts
+    from lab.sockets.designs import DESIGNS
+
+    def given(option: str) -> bool:
+        source = ctx.get_parameter_source(option)  # given, not a default nor LAB_DESIGN
+        return getattr(source, "name", None) == "COMMANDLINE"
+
+    try:
+        if server_cmd is None:
+            for option in ("name", "mount"):
+                if given(option):
+                    raise UserServerError(f"--{option} is for --server-cmd: give one, or drop it")
+            spec = ServerSpec(design, ("--workers", str(workers)) if workers else ())
+            if design not in DESIGNS and spec.peer is None:
+                names = [*DESIGNS, *(f"peer-{peer}" for peer in PEERS)]
+                raise UserServerError(
+                    f"unknown design {design!r}: choose one of {', '.join(names)}"
+                )
+            return spec
+        if given("design"):
+            raise UserServerError(
+                "--design and --server-cmd each name the server to measure: give one "
+                "(--name names yours)"
+            )
+        parse_command(server_cmd)
+        taken = [*all_servers(), *PEERS]
+        return ServerSpec(
+            check_name(name, taken, "--name"), command=server_cmd, mounts=resolve_mounts(mounts)
+        )
+    except UserServerError as exc:
+        typer.echo(f"lab bench: error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+def _bench(
+    spec: ServerSpec,
     workload: str,
     concurrency: int,
     duration: float,
@@ -82,22 +150,15 @@ def _bench(
     size: str,
     per_connection: int | None,
     rate: float | None,
-    workers: int | None,
     processes: int | None,
     local: bool,
     pin: bool,
 ) -> dict[str, Any]:
-    from lab.measure.bench import BenchError, LocalBackend, ServerSpec, bench
+    from lab.measure.bench import BenchError, LocalBackend, bench
     from lab.measure.config import make_config
     from lab.measure.errors import LoadError
-    from lab.measure.peers import PEERS
-    from lab.sockets.designs import DESIGNS
 
     with user_errors("lab bench"):
-        spec = ServerSpec(design, ("--workers", str(workers)) if workers else ())
-        if design not in DESIGNS and spec.peer is None:
-            names = [*DESIGNS, *(f"peer-{name}" for name in PEERS)]
-            raise typer.BadParameter(f"unknown design {design!r}: choose one of {', '.join(names)}")
         try:
             config = make_config(
                 "127.0.0.1",
@@ -111,7 +172,7 @@ def _bench(
                 warmup=warmup,
                 processes=processes or (1 if local else None),
             )
-            with console.status(f"benchmarking {design}…"):
+            with console.status(f"benchmarking {spec.design}…"):
                 if local:
                     backend: Any = LocalBackend(pin=pin)
                 else:

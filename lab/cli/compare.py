@@ -96,6 +96,20 @@ def compare(
             "sizes 1, 2, 4 (default: on, off with --quick)",
         ),
     ] = None,
+    peer: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="NAME='CMD … {port}': your own echo server too, run and measured as a peer is "
+            "(repeatable; {port} is the port the lab chooses, {host} the address)",
+        ),
+    ] = None,
+    mount: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="--peer in the containers: a host file or folder it needs, mounted read-only "
+            "at the same path (repeatable; e.g. --mount .)",
+        ),
+    ] = None,
     out: Annotated[Path, typer.Option(help="results folder", envvar="LAB_RESULTS")] = Path(
         "results"
     ),
@@ -103,13 +117,16 @@ def compare(
     """Every design × both workloads × a concurrency sweep, repeated; then the report."""
     from lab.measure import compare as sweep
     from lab.measure.bench import BenchError, LocalBackend
+    from lab.measure.usercmd import UserServerError
 
+    user, mounts = _user_servers(peer or [], mount or [])
     with user_errors("lab compare"):
         try:
             names = _csv(designs) or (sweep.quick_servers() if quick else sweep.all_servers())
-            sweep.check_servers(names)
+            names += [name for name in user if name not in names]
+            sweep.check_servers(names, user)
             curve = _csv(latency_curve) or []
-            sweep.check_servers(curve)
+            sweep.check_servers(curve, user)
             matrix = (
                 sweep.quick_matrix(names, workers)
                 if quick
@@ -122,6 +139,7 @@ def compare(
             if duration:
                 matrix.duration = duration
             matrix.latency_curve = curve
+            matrix.user_servers, matrix.mounts = user, mounts
             # the full compare's experiments beside the sweep (not the quick one)
             matrix.experiments = (not quick) if experiments is None else experiments
         except ValueError:
@@ -156,6 +174,8 @@ def compare(
                 "--workers",
                 str(matrix.workers),
                 *(["--latency-curve", ",".join(curve)] if curve else []),
+                *(arg for name, cmd in user.items() for arg in ("--peer", f"{name}={cmd}")),
+                *(arg for path in mounts for arg in ("--mount", path)),
                 *(["--quick"] if quick else []),
                 *(["--no-experiments"] if not quick and not matrix.experiments else []),
                 *(["--experiments"] if quick and matrix.experiments else []),
@@ -163,16 +183,40 @@ def compare(
             ]
         )
         with progress_display(console) as progress:
-            results = sweep.compare(
-                make_backend,
-                matrix,
-                progress=progress,
-                environment=sweep.environment(Path.cwd(), extra),
-                command=command,
-                quick=quick,
-            )
+            try:
+                results = sweep.compare(
+                    make_backend,
+                    matrix,
+                    progress=progress,
+                    environment=sweep.environment(Path.cwd(), extra),
+                    command=command,
+                    quick=quick,
+                )
+            except UserServerError as exc:  # a --peer that cannot start: before the sweep
+                typer.echo(f"lab compare: error: {exc}", err=True)
+                raise typer.Exit(1) from None
             path = sweep.save(results, out)
         _render(path.parent)
+
+
+def _user_servers(peers: list[str], mounts: list[Path]) -> tuple[dict[str, str], list[str]]:
+    """``--peer NAME=CMD`` options → {NAME: CMD}, and the ``--mount`` paths (checked: one line
+    naming the fix, exit 2)."""
+    from lab.measure.compare import all_servers
+    from lab.measure.peers import PEERS
+    from lab.measure.usercmd import UserServerError, parse_peer, resolve_mounts
+
+    try:
+        user: dict[str, str] = {}
+        for text in peers:
+            name, command = parse_peer(text, [*all_servers(), *PEERS, *user])
+            user[name] = command
+        if mounts and not user:
+            raise UserServerError("--mount is for --peer NAME=CMD: give one, or drop it")
+        return user, list(resolve_mounts(mounts))
+    except UserServerError as exc:
+        typer.echo(f"lab compare: error: {exc}", err=True)
+        raise typer.Exit(2) from None
 
 
 def report(

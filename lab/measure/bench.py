@@ -36,13 +36,16 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from lab.measure import probe
 from lab.measure.config import LoadConfig
 from lab.measure.load import LoaderPool, run_load
 from lab.measure.peers import PEERS
 from lab.measure.result import LoadResult
+
+if TYPE_CHECKING:
+    from lab.measure.usercmd import LocalCommand
 
 IDLE_WINDOW = 1.0  # seconds of idle CPU measured before the run
 CPU_SAMPLE = 0.05  # seconds between readings of the server's CPU during the run
@@ -58,15 +61,20 @@ class BenchError(Exception):
 
 @dataclass(frozen=True)
 class ServerSpec:
-    """What to run: a design (with its options) or a peer (``peer-threading`` …)."""
+    """What to run: a design (with its options), a peer (``peer-threading`` …), or a user's
+    server: ``command`` set, ``design`` its name (see :mod:`lab.measure.usercmd`)."""
 
     design: str
     options: tuple[str, ...] = ()  # e.g. ("--workers", "2"), as for `lab serve`
+    command: str = ""  # a user's server: its command line, with {port} (and {host})
+    mounts: tuple[str, ...] = ()  # a user's server in a container: host paths it sees, read-only
 
     @property
     def peer(self) -> str | None:
         name = self.design.removeprefix("peer-")
-        return name if self.design.startswith("peer-") and name in PEERS else None
+        if self.command or not self.design.startswith("peer-"):
+            return None
+        return name if name in PEERS else None
 
 
 @dataclass
@@ -99,9 +107,20 @@ class BenchResult:
             "backend": self.backend,
             "design": self.server.design,
             "server_options": list(self.server.options),
+            **server_command(self.server),
             "load": self.load,
             "server": asdict(self.cost),
         }
+
+
+def server_command(server: ServerSpec) -> dict[str, Any]:
+    """What a result records of a user's server: its command (and mounts); {} otherwise."""
+    if not server.command:
+        return {}
+    recorded: dict[str, Any] = {"server_command": server.command}
+    if server.mounts:
+        recorded["server_mounts"] = list(server.mounts)
+    return recorded
 
 
 class Backend(Protocol):
@@ -252,6 +271,7 @@ class LocalBackend:
         self.keep = keep
         self.pool = LoaderPool() if keep else None
         self.proc: subprocess.Popen[str] | None = None
+        self.user: LocalCommand | None = None  # a user's server (then proc is None)
         self.running: ServerSpec | None = None
         self.port = 0
         self.generation = 0  # counts server starts (bench() measures idle once per start)
@@ -259,10 +279,17 @@ class LocalBackend:
         self._cond = threading.Condition()
 
     def start(self, server: ServerSpec) -> tuple[str, int]:
-        if self.running == server and self.proc is not None and self.proc.poll() is None:
+        if self.running == server and self._alive():
             return "127.0.0.1", self.port
         self._stop_server()
         self.generation += 1
+        if server.command:
+            from lab.measure.usercmd import LocalCommand
+
+            self.user = LocalCommand(server.command, pin=self.pin)
+            self.port = self.user.start("127.0.0.1")
+            self.running = server
+            return "127.0.0.1", self.port
         if server.peer:
             command = [sys.executable, "-m", "lab.measure.peers", server.peer, *server.options]
         else:
@@ -315,12 +342,21 @@ class LocalBackend:
                     raise BenchError(f"the server did not answer in time: {last}")
                 self._cond.wait(0.1)
 
+    def _alive(self) -> bool:
+        if self.user is not None:
+            return self.user.running()
+        return self.proc is not None and self.proc.poll() is None
+
     @property
     def pid(self) -> int:
+        if self.user is not None:
+            return self.user.pid
         assert self.proc is not None
         return self.proc.pid
 
     def stats(self) -> dict[str, Any] | None:
+        if self.user is not None:
+            return None  # a user's server keeps no statistics of ours (and SIGUSR1 may kill it)
         start = len(self.lines)
         os.kill(self.pid, signal.SIGUSR1)
         line = self._wait_for(re.compile(r'^\{"event": "stats"'), STATS_TIMEOUT, start)
@@ -359,6 +395,10 @@ class LocalBackend:
 
     def _stop_server(self) -> None:
         self.running = None
+        if self.user is not None:
+            user, self.user = self.user, None
+            user.stop()
+            return
         if self.proc is None or self.proc.poll() is not None:
             return
         os.kill(self.pid, signal.SIGTERM)

@@ -15,12 +15,12 @@ import platform
 import sqlite3
 import statistics
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lab.measure.bench import Backend, BenchError, ServerSpec, bench
+from lab.measure.bench import Backend, BenchError, ServerSpec, bench, server_command
 from lab.measure.config import CONNECT_PER_REQUEST, make_config
 from lab.measure.errors import LoadError
 from lab.measure.peers import PEERS
@@ -122,6 +122,11 @@ class Matrix:
     #: lab.measure.experiments): sequential connections across workers, idle connections,
     #: pool sizes.
     experiments: bool = False
+    #: Users' own servers (``--peer NAME=CMD``): name → command line with ``{port}``, each run
+    #: as a peer is (lab.measure.usercmd); their names are in ``designs`` too.
+    user_servers: dict[str, str] = field(default_factory=dict)
+    #: Host paths mounted read-only, at the same path, in a user server's container.
+    mounts: list[str] = field(default_factory=list)
 
 
 def all_servers() -> list[str]:
@@ -165,7 +170,11 @@ def pool_options(design: str, workers: int, growth: int = 1) -> tuple[str, ...]:
     return (*size, "--max-workers", str(growth * workers)) if DESIGNS[design].grows else size
 
 
-def server_spec(name: str, workers: int) -> ServerSpec:
+def server_spec(
+    name: str, workers: int, user: Mapping[str, str] | None = None, mounts: Sequence[str] = ()
+) -> ServerSpec:
+    if user and name in user:  # a user's server: its command, no options of ours
+        return ServerSpec(name, command=user[name], mounts=tuple(mounts))
     if name in VARIANTS:
         variant = VARIANTS[name]
         pool = (
@@ -184,8 +193,8 @@ def server_spec(name: str, workers: int) -> ServerSpec:
     return ServerSpec(name)
 
 
-def check_servers(names: list[str]) -> None:
-    unknown = [n for n in names if n not in all_servers()]
+def check_servers(names: list[str], user: Iterable[str] = ()) -> None:
+    unknown = [n for n in names if n not in [*all_servers(), *user]]
     if unknown:
         raise BenchError(f"unknown design {unknown[0]!r}: choose from {', '.join(all_servers())}")
 
@@ -217,9 +226,10 @@ def compare(
 ) -> dict[str, Any]:
     """Run the matrix (and its latency curves); a run that fails is kept with its one-line
     error, the sweep goes on."""
-    check_servers([*matrix.designs, *matrix.latency_curve])
+    check_servers([*matrix.designs, *matrix.latency_curve], matrix.user_servers)
     runs: list[dict[str, Any]] = []
     backend = make_backend()  # one for the sweep: it may keep a server running between runs
+    _try_user_servers(backend, matrix)
     cells = len(matrix.designs) * len(matrix.workloads) * len(matrix.concurrency)
     total = cells * matrix.repeats + _curve_steps(matrix) + _experiment_steps(matrix)
     done = 0
@@ -290,6 +300,22 @@ def _experiments(
     }
 
 
+def _try_user_servers(backend: Backend, matrix: Matrix) -> None:
+    """Start each user's server once before the sweep: one that cannot start (its program
+    missing, exiting at once, never accepting) stops the sweep now with its one-line error
+    (:class:`~lab.measure.usercmd.UserServerError`), not after the designs' cells."""
+    try:
+        for name in matrix.designs:
+            if name in matrix.user_servers:
+                backend.start(server_spec(name, matrix.workers, matrix.user_servers, matrix.mounts))
+                backend.stop()
+    except BaseException:
+        close = getattr(backend, "close", None)
+        if close is not None:
+            close()
+        raise
+
+
 def _run(
     backend: Backend, matrix: Matrix, name: str, entry: dict[str, Any], rate: float | None = None
 ) -> dict[str, Any]:
@@ -298,7 +324,7 @@ def _run(
     one-line error."""
     workload = entry["workload"]
     entry = {"design": name, **entry}
-    spec = server_spec(name, matrix.workers)
+    spec = server_spec(name, matrix.workers, matrix.user_servers, matrix.mounts)
     try:
         config = make_config(
             "127.0.0.1",
@@ -318,6 +344,7 @@ def _run(
         entry.update(
             backend=backend.name,
             server_options=list(spec.options),
+            **server_command(spec),
             error=str(exc).splitlines()[0] if str(exc) else repr(exc),
         )
     return entry
