@@ -7,19 +7,25 @@ worker. The hand-off is a queue in memory: one process, one descriptor table, so
 just a number the main thread puts and a pool thread gets — the same hand-off ``sendmsg`` makes
 through the kernel with ``SCM_RIGHTS``, for the price of a lock.
 
-The queue is a ``queue.SimpleQueue`` (C, no condition variable in Python, no allocation per
-wait): a pool thread waiting in ``get()`` sleeps on a lock that ``put()`` releases. It is bounded
-by the main thread: it holds at most :data:`~ThreadPoolServer.QUEUE_PER_THREAD` × ``--workers``
-descriptors, and when it is full the main thread stops accepting — new clients wait in the
-listen backlog, as with every fixed pool — until a pool thread takes one (that thread then writes
-one byte to the wake pipe, because the main thread asked: the steady state never does).
+The queue is a ``queue.Queue`` — a mutex and a condition variable, one lock per waiting thread,
+so a ``put()`` wakes exactly one waiting thread. (``queue.SimpleQueue``, in C and allocating
+nothing per wait, was measured first: the thread that takes an item releases the lock every
+idle thread waits on, so each ``get()`` woke all of them — about 19 ``futex`` per connection with
+two threads, against 5.) It is bounded by the main thread: it holds at most
+:data:`~ThreadPoolServer.QUEUE_PER_THREAD` × ``--workers`` descriptors, and when it is full the
+main thread stops accepting — new clients wait in the listen backlog, as with every fixed pool —
+until a pool thread takes one (that thread then writes one byte to the wake pipe, because the
+main thread asked: the steady state never does). The main thread bounds it rather than the
+queue's ``maxsize``: a ``put()`` of STOP at the end must never block the thread that handles
+signals.
 
 What a connection costs beyond the echo (``syscalls_per_connection``, held by
 tests/test_syscall_budget.py): the main thread's ``accept4`` (and, when the queue is empty, the
 ``accept4`` that says EAGAIN and the ``poll()`` that waits); the pool thread's ``close``; and the
-hand-off's ``futex`` calls — the ``put()`` wakes the sleeping thread (a wake, and the end of the
-thread's wait), and the woken thread and the main thread pass the GIL to each other. Nothing is
-created per connection.
+hand-off's ``futex`` calls — the ``put()``'s notify wakes the sleeping thread (a wake, and the
+end of the thread's wait), and the woken thread takes the queue's mutex and the GIL from the main
+thread. Nothing is created per connection but the waiting thread's lock, which the condition
+variable allocates per wait.
 
 Stopping: the main thread drains the listen queue into the queue (waiting for room), then puts
 one STOP (``None``) per pool thread behind the descriptors, so everything queued is served first
