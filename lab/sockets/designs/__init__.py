@@ -27,6 +27,7 @@ _REGISTRY = {
     "prethread-accept": "lab.sockets.designs.prethread_accept:PrethreadAcceptServer",
     "thread-pool": "lab.sockets.designs.thread_pool:ThreadPoolServer",
     "select": "lab.sockets.designs.select_loop:SelectServer",
+    "asyncio": "lab.sockets.designs.asyncio_loop:AsyncioServer",
 }
 
 
