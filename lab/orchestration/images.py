@@ -344,7 +344,15 @@ def _ensure_wheelhouse(root: Path, snap: Path, progress: Progress) -> Path:
         if not built:
             raise LabError(f"pip wheel left no lab-*.whl in {WHEELHOUSE}: run it by hand")
         _pip(
-            ["wheel", "--wheel-dir", str(wheels), "--find-links", str(wheels), str(built[0])],
+            # The image installs lab[uvloop] (images/lab/Dockerfile): the extra's wheels too.
+            [
+                "wheel",
+                "--wheel-dir",
+                str(wheels),
+                "--find-links",
+                str(wheels),
+                f"{built[0]}[uvloop]",
+            ],
             offline_fix,
         )
     _write_stamp(wheels, {"deps": deps_key, "source": source_key})
