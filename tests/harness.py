@@ -30,9 +30,17 @@ CONCURRENT_DESIGNS = [d for d in ALL_DESIGNS if d != "iterative"]
 POOL_DESIGNS = [d for d in ALL_DESIGNS if DESIGNS[d].pool_of]  # take --workers
 PROCESS_POOLS = [d for d in ALL_DESIGNS if DESIGNS[d].pool_of == "processes"]  # workers: processes
 GROWING_POOLS = [d for d in ALL_DESIGNS if DESIGNS[d].grows]  # take --max-workers
+# Concurrent designs where any idle worker takes a newcomer: not those with an accept queue per
+# worker chosen by hash (reuseport), where a client can wait behind a busy one.
+ANY_IDLE_WORKER = [
+    d for d in CONCURRENT_DESIGNS if not getattr(DESIGNS[d], "queue_per_worker", False)
+]
 SERIAL_DESIGNS = {  # design → the options that make it serve one connection at a time
     d: list(options) for d in ALL_DESIGNS if (options := DESIGNS[d].serial_options) is not None
 }
+# One process serving every connection in one event loop (select, asyncio): no pool, no
+# one-at-a-time option, and the idle timeout comes from the loop's timer, not SO_RCVTIMEO.
+EVENT_LOOPS = [d for d in ALL_DESIGNS if DESIGNS[d].model == "an event loop"]
 ORIGINAL_MESSAGE = b"This is a test message from a stupid client lol!\0"  # 49 bytes, NUL included
 READY = re.compile(r"ready design=(\S+) address=(\S+) port=(\d+) pid=(\d+)")
 

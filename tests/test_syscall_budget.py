@@ -103,6 +103,35 @@ def test_each_design_keeps_its_system_call_budget(
 ) -> None:
     args = ["--workers", "2", "--max-workers", "2"] if design in POOL_DESIGNS else []
     server = start_server(design, *args)
+    within_budget(server, design, tmp_path)
+
+
+# Every --accept-lock a design declares (besides none), with the calls the lock adds.
+LOCK_VARIANTS = [
+    (design, lock)
+    for design in ALL_DESIGNS
+    for lock in getattr(DESIGNS[design], "accept_locks", {})
+    if lock != "none"
+]
+
+
+@pytest.mark.parametrize(
+    ("design", "lock"), LOCK_VARIANTS, ids=[f"{d}-{k}" for d, k in LOCK_VARIANTS]
+)
+def test_an_accept_lock_adds_only_its_declared_calls(
+    design: str, lock: str, start_server: ServerFactory, tmp_path: Path
+) -> None:
+    args = ["--workers", "2", "--max-workers", "2"] if design in POOL_DESIGNS else []
+    server = start_server(design, "--accept-lock", lock, *args)
+    lock_calls: dict[str, int] = getattr(DESIGNS[design], "accept_locks", {})[lock]
+    within_budget(server, design, tmp_path, lock_calls)
+
+
+def within_budget(
+    server: RunningServer, design: str, tmp_path: Path, extra: dict[str, int] | None = None
+) -> None:
+    """Per message exactly the declared calls; per connection at most the declared ones (plus
+    ``extra``, an option's own)."""
     one = count(server, tmp_path, N, 1)
     many = count(server, tmp_path, N, K)
 
@@ -112,7 +141,9 @@ def test_each_design_keeps_its_system_call_budget(
     message_budget = DESIGNS[design].syscalls_per_message
     for name, expected in message_budget.items():
         assert abs(per_message.get(name, 0.0) - expected) <= 0.05, (name, per_message)
-    budget = DESIGNS[design].syscalls_per_connection
+    budget = dict(DESIGNS[design].syscalls_per_connection)
+    for name, calls in (extra or {}).items():
+        budget[name] = budget.get(name, 0) + calls
     assert budget, f"{design} declares no syscalls_per_connection"
     # A per-connection call (the poll() of an empty queue) may differ between the windows by
     # up to its count per connection, spread over K - 1 messages: that is not a message's cost.

@@ -28,6 +28,8 @@ _REGISTRY = {
     "thread-pool": "lab.sockets.designs.thread_pool:ThreadPoolServer",
     "select": "lab.sockets.designs.select_loop:SelectServer",
     "asyncio": "lab.sockets.designs.asyncio_loop:AsyncioServer",
+    "reuseport": "lab.sockets.designs.reuseport:ReuseportServer",
+    "prefork-epoll": "lab.sockets.designs.prefork_epoll:PreforkEpollServer",
 }
 
 

@@ -7,29 +7,59 @@ supervises. No descriptor crosses a process boundary, and no process is created 
 No thundering herd: processes blocked in ``accept()`` wait on the listening socket's queue as
 *exclusive* waiters, and Linux wakes one of them per connection (Stevens measured the herd on
 older kernels; ``prefork-epoll`` — waiting in epoll with ``EPOLLEXCLUSIVE`` — is nginx's model,
-a different design). A blocking ``accept()`` cannot also wait for a signal pipe, so a worker is
-stopped by its SIGTERM handler raising inside the wait (:mod:`lab.sockets.serving`). The two
-races that leaves are closed here: a SIGTERM that lands just before the worker enters
-``accept()`` does not interrupt it, so the parent repeats SIGTERM every half second while
-workers are still alive; and an ``accept()`` that completed just as the handler raised left its
-descriptor open under a number the worker knows in advance (the lowest free one), which the
-worker then serves.
+a different design). The waiters queue FIFO, so sequential connections go round the workers in
+turn. A blocking ``accept()`` cannot also wait for a signal pipe, so a worker is stopped by its
+SIGTERM handler raising inside the wait (:mod:`lab.sockets.serving`). The two races that leaves
+are closed here: a SIGTERM that lands just before the worker enters ``accept()`` does not
+interrupt it, so the parent repeats SIGTERM every half second while workers are still alive;
+and an ``accept()`` that completed just as the handler raised left its descriptor open under a
+number the worker knows in advance (the lowest free one), which the worker then serves.
+
+``--accept-lock`` puts a lock around ``accept()`` (Stevens' servers 3 and 4, nginx's
+``accept_mutex``): one worker at a time waits in ``accept()``, the others wait for the lock. It
+was the cure for the herd on kernels that woke every acceptor; here it shows what a lock costs.
+
+* ``flock``: ``flock(LOCK_EX)``/``flock(LOCK_UN)`` on an unlinked file the parent creates
+  (``O_TMPFILE``) before forking. A flock belongs to the *open file description*, and a forked
+  descriptor shares its parent's: workers holding inherited descriptors would all "hold" the one
+  lock and exclude nobody. So each worker opens the file again through ``/proc/self/fd/N`` — a
+  new description of the same inode — and locks that. The kernel drops a dead worker's lock with
+  its descriptors: nothing to repair. Two ``flock`` calls per connection, always.
+* ``sem``: a POSIX semaphore in a page of shared memory (``sem_init(pshared=1)`` through ctypes
+  on an anonymous ``MAP_SHARED`` mapping made before the fork). ``sem_wait`` and ``sem_post``
+  are an atomic operation in user space when nobody waits; with waiters, one ``futex`` each
+  (the post wakes one waiter, the next wait sleeps). A signal ends a ``sem_wait`` with EINTR
+  (never restarted), so a stop reaches a worker waiting for the lock. The kernel knows nothing
+  of who holds a semaphore: a worker that dies holding it would leave every other one waiting.
+  So the holder writes its pid next to the semaphore, and the parent posts for a dead worker
+  that was the holder. A SIGKILL in the few bytecodes between ``sem_wait``'s return and that
+  store is the one case the parent cannot see; a waiter whose wait outlasts any honest hold
+  (the holder's ``accept()`` returns at the listening socket's ``SO_RCVTIMEO``, the idle
+  timeout) posts once itself, with a notice.
 
 A connection costs a worker ``accept4``, its messages, the EOF ``recv`` and ``close``: the
 design's own calls and nothing else (the listening socket's ``SO_RCVTIMEO``, inherited by each
-accepted socket, is the idle timeout; counts go to shared memory).
+accepted socket, is the idle timeout; counts go to shared memory), plus the lock's: two
+``flock``, or two ``futex`` when workers wait for the semaphore (none when only one worker
+runs).
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import errno
+import fcntl
+import mmap
 import os
 import select
 import signal
 import socket
 import time
 
-from lab.sockets import process
+from lab.sockets import process, signals
 from lab.sockets.accept import Acceptor
+from lab.sockets.base import accept_queue_length
 from lab.sockets.config import ConfigError, ServerConfig
 from lab.sockets.echo import echo
 from lab.sockets.log import Log
@@ -44,50 +74,50 @@ if TYPE_CHECKING:
 _LOST = -2  # _wait(): the handler raised just as accept() returned
 
 
-class MultiAcceptServer(PoolServer):
-    name = "multi-accept"
-    summary = "N pre-forked workers each block in accept() on the shared listening socket"
-    origin = "the chapter's multiple accept() workers; Stevens UNP ch. 30 server 2 (prefork)"
-    model = "a pool of processes that accept"
-    # Per connection with one message (tests/test_syscall_budget.py): accept4, the message's
-    # readv and write, the EOF readv, close — nothing of the lab's.
-    syscalls_per_connection: ClassVar[dict[str, int]] = {
-        "accept4": 1,
-        "readv": 2,
-        "write": 1,
-        "close": 1,
-    }
+class WorkersAcceptPool(PoolServer):
+    """What the pools whose *workers* accept share (multi-accept, reuseport, prefork-epoll):
+    the parent only supervises; on a stop it shrinks the backlog and forwards SIGTERM, and the
+    workers serve what is queued themselves."""
+
+    # The workers call accept(), not the parent (the tests set descriptor limits on them).
+    workers_accept: ClassVar[bool] = True
+    # --accept-lock values this design takes → the system calls the lock adds per connection
+    # (tests/test_syscall_budget.py holds each variant to its design's budget plus these).
+    accept_locks: ClassVar[dict[str, dict[str, int]]] = {"none": {}}
+    # Workers keep their own --grace deadline from when they got SIGTERM; the parent waits a
+    # moment longer, so a worker closes what it holds and exits by itself before any SIGKILL.
+    WORKER_SLACK = 1.0
+    # While stopping, SIGTERM again this often to workers still alive (a worker blocked in
+    # accept() may have got the first one just before it entered the call); None: never.
+    RESIGNAL_EVERY: ClassVar[float | None] = 0.5
 
     @classmethod
     def check_config(cls, config: ServerConfig) -> None:
         super().check_config(config)
         if config.connections:
             raise ConfigError(
-                "--connections does not apply to multi-accept (its workers accept on their "
+                f"--connections does not apply to {cls.name} (its workers accept on their "
                 "own): stop it with SIGTERM, or use another design"
+            )
+        if config.accept_lock not in cls.accept_locks:
+            if len(cls.accept_locks) == 1:
+                raise ConfigError(
+                    f"--accept-lock {config.accept_lock} does not apply to {cls.name}: leave "
+                    "it at none (multi-accept takes flock or sem)"
+                )
+            raise ConfigError(
+                f"--accept-lock {config.accept_lock!r}: choose one of "
+                f"{', '.join(cls.accept_locks)} for {cls.name}"
             )
 
     def counter_slots(self) -> int:
         return self.config.pool_size + 1
-
-    def start(self) -> None:
-        self.listener.setblocking(True)  # the workers block in accept(); the parent never does
-        super().start()
 
     def accepting(self) -> bool:
         return False  # the workers accept; the parent only supervises
 
     def worker_keeps(self) -> list[int]:
         return [self.listener.fileno()]
-
-    def worker_main(self, slot: Slot) -> int:
-        return AcceptWorker(self.listener, self.config, self.log, slot).run()
-
-    # Workers keep their own --grace deadline from when they got SIGTERM; the parent waits a
-    # moment longer, so a worker closes what it holds and exits by itself before any SIGKILL.
-    WORKER_SLACK = 1.0
-    # While stopping, SIGTERM again this often to workers still alive (see the docstring).
-    RESIGNAL_EVERY = 0.5
 
     def begin_stop(self, drain: bool = True) -> None:
         # The workers drain the queue themselves: forward the request to stop.
@@ -102,36 +132,213 @@ class MultiAcceptServer(PoolServer):
         self.signal_workers(signal.SIGTERM if first else signal.SIGKILL)
 
     def stop_poll_interval(self) -> float:
-        return self.RESIGNAL_EVERY
+        return self.RESIGNAL_EVERY if self.RESIGNAL_EVERY is not None else float("inf")
 
     def while_stopping(self) -> None:
-        self.signal_workers(signal.SIGTERM)
+        if self.RESIGNAL_EVERY is not None:
+            self.signal_workers(signal.SIGTERM)
+
+
+class MultiAcceptServer(WorkersAcceptPool):
+    name = "multi-accept"
+    summary = "N pre-forked workers each block in accept() on the shared listening socket"
+    origin = (
+        "the chapter's multiple accept() workers; Stevens UNP ch. 30 server 2 (prefork), "
+        "servers 3 and 4 with --accept-lock; nginx accept_mutex"
+    )
+    model = "a pool of processes that accept"
+    # Per connection with one message (tests/test_syscall_budget.py): accept4, the message's
+    # readv and write, the EOF readv, close — nothing of the lab's.
+    syscalls_per_connection: ClassVar[dict[str, int]] = {
+        "accept4": 1,
+        "readv": 2,
+        "write": 1,
+        "close": 1,
+    }
+    # The lock's calls per connection: lock and unlock; a semaphore's are a futex wake by the
+    # post and a futex wait by the next sem_wait while another worker holds it.
+    accept_locks: ClassVar[dict[str, dict[str, int]]] = {
+        "none": {},
+        "flock": {"flock": 2},
+        "sem": {"futex": 2},
+    }
+
+    def ready_details(self) -> dict[str, object]:
+        details = super().ready_details()
+        if self.config.accept_lock != "none":
+            details["accept_lock"] = self.config.accept_lock
+        return details
+
+    def start(self) -> None:
+        self.listener.setblocking(True)  # the workers block in accept(); the parent never does
+        self.lock: FileLock | SemLock | None = None
+        if self.config.accept_lock == "flock":
+            self.lock = FileLock()
+        elif self.config.accept_lock == "sem":
+            self.lock = SemLock()
+        super().start()
+
+    def worker_keeps(self) -> list[int]:
+        keep = super().worker_keeps()
+        if isinstance(self.lock, FileLock):
+            keep.append(self.lock.fd)
+        return keep
+
+    def worker_main(self, slot: Slot) -> int:
+        if self.lock is not None:
+            self.lock.in_worker(self.log, self.config.idle_timeout)
+        return AcceptWorker(self.listener, self.config, self.log, slot, self.lock).run()
+
+    def child_exited(self, pid: int, status: int, role: str) -> None:
+        if isinstance(self.lock, SemLock) and not self.stopping:
+            self.lock.release_for(pid)
+        super().child_exited(pid, status, role)
+
+
+class FileLock:
+    """``flock()`` on an unlinked file; each worker locks its own open file description."""
+
+    def __init__(self) -> None:
+        folder = os.environ.get("TMPDIR") or "/tmp"
+        try:  # an inode with no name: nothing to clean up, whatever happens to the server
+            self.fd = os.open(folder, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+        except OSError:  # a file system without O_TMPFILE: create, then unlink at once
+            path = os.path.join(folder, f"lab-accept-lock-{os.getpid()}")
+            self.fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC, 0o600)
+            os.unlink(path)
+        self.own = -1
+
+    def in_worker(self, log: Log, idle_timeout: float) -> None:
+        # A new open file description of the same inode (see the module docstring).
+        self.own = os.open(f"/proc/self/fd/{self.fd}", os.O_RDWR | os.O_CLOEXEC)
+        os.close(self.fd)
+
+    def acquire(self) -> None:
+        fcntl.flock(self.own, fcntl.LOCK_EX)  # PEP 475 retries after a handler that returned
+
+    def release(self) -> None:
+        fcntl.flock(self.own, fcntl.LOCK_UN)
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_SEM_SIZE = 32  # sizeof(sem_t) on 64-bit glibc (and musl); the holder's pid follows it
+_CLOCK_MONOTONIC = 1
+_clockwait = getattr(_libc, "sem_clockwait", None)  # glibc 2.30; else sem_timedwait (realtime)
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = (("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long))
+
+
+class SemLock:
+    """A process-shared POSIX semaphore (value 1) in shared memory, and its holder's pid."""
+
+    def __init__(self) -> None:
+        self.map = mmap.mmap(-1, mmap.PAGESIZE)  # anonymous, MAP_SHARED: the workers share it
+        self.sem = ctypes.c_void_p(ctypes.addressof(ctypes.c_char.from_buffer(self.map)))
+        self.holder = memoryview(self.map).cast("q")  # [_SEM_SIZE // 8]: who holds it
+        if _libc.sem_init(self.sem, 1, 1) != 0:
+            raise OSError(ctypes.get_errno(), "sem_init() failed")
+        self.pid = 0
+        self.log: Log | None = None
+        self.patience = 0.0
+        self.deadline = _Timespec()
+
+    def in_worker(self, log: Log, idle_timeout: float) -> None:
+        self.pid = os.getpid()
+        self.log = log
+        # No honest hold lasts longer: the holder's accept() returns after the listening
+        # socket's SO_RCVTIMEO (the idle timeout), and it posts at once.
+        self.patience = 2 * idle_timeout + 1.0
+
+    def acquire(self) -> None:
+        """Take the lock; a wait longer than any honest hold takes it back from a holder that
+        died unseen (see the module docstring)."""
+        if _libc.sem_trywait(self.sem) != 0:  # taken: wait (the uncontended path is no call)
+            self._wait()
+        self.holder[_SEM_SIZE // 8] = self.pid
+
+    def _wait(self) -> None:
+        self._set_deadline()
+        while True:
+            if _clockwait is not None:
+                code = _clockwait(self.sem, _CLOCK_MONOTONIC, ctypes.byref(self.deadline))
+            else:
+                code = _libc.sem_timedwait(self.sem, ctypes.byref(self.deadline))
+            if code == 0:
+                return
+            code = ctypes.get_errno()
+            if code == errno.EINTR:
+                continue  # a signal: its handler runs here (and raises when stopping)
+            if code != errno.ETIMEDOUT:
+                raise OSError(code, os.strerror(code))
+            value = ctypes.c_int(-1)
+            _libc.sem_getvalue(self.sem, ctypes.byref(value))
+            if value.value == 0:
+                if self.log is not None:
+                    self.log.notice(
+                        f"accept lock held for over {self.patience:g} s, by no live worker: "
+                        "released"
+                    )
+                _libc.sem_post(self.sem)
+            self._set_deadline()
+
+    def _set_deadline(self) -> None:
+        end = (time.monotonic() if _clockwait is not None else time.time()) + self.patience
+        self.deadline.tv_sec = int(end)
+        self.deadline.tv_nsec = int((end % 1) * 1e9)
+
+    def release(self) -> None:
+        self.holder[_SEM_SIZE // 8] = 0
+        _libc.sem_post(self.sem)
+
+    def release_for(self, pid: int) -> None:
+        """The parent: worker ``pid`` ended; if it held the lock, nobody else ever will post."""
+        if pid and self.holder[_SEM_SIZE // 8] == pid:
+            self.holder[_SEM_SIZE // 8] = 0
+            _libc.sem_post(self.sem)
 
 
 class AcceptWorker:
     """One worker: accept, serve the connection to its end, accept again."""
 
-    def __init__(self, listener: socket.socket, config: ServerConfig, log: Log, slot: Slot):
+    def __init__(
+        self,
+        listener: socket.socket,
+        config: ServerConfig,
+        log: Log,
+        slot: Slot,
+        lock: FileLock | SemLock | None = None,
+        own_listener: bool = False,
+    ):
         self.listener = listener
         self.accept_raw = listener._accept  # type: ignore[attr-defined]
         self.acceptor = Acceptor(listener, log)  # its errno policy for the rare failures
         self.log = log
         self.slot = slot
+        self.lock = lock
+        # reuseport: the listening socket is this worker's alone, so the worker, not the
+        # parent, closes its door when told to stop.
+        self.own_listener = own_listener
         # SIGTERM: stop after this connection (SIGINT stays with the parent: Ctrl-C reaches
         # the whole process group, and the parent coordinates the stop).
         self.serving = Serving(config, log, slot, stop_signals=(signal.SIGTERM,))
 
     def run(self) -> int:
         serving = self.serving
-        serving.own_signals()
+        if self.own_listener:
+            signals.set_owner(self.on_signal)
+        else:
+            serving.own_signals()
         self.expected_fd = lowest_free_fd()
         while not serving.stopping:
             fd = self.next_connection(check_stop=True)
             if fd is not None:
                 self.serve(fd)
-        # Stopping: serve what the kernel had queued (the parent shrank the backlog, so
-        # nothing new comes in), then leave. Another worker may take the last one first and
-        # leave us blocked in accept(): the parent's repeated SIGTERM gets us out.
+        # Stopping: serve what the kernel had queued (the backlog is shrunk, so nothing new
+        # comes in), then leave. On a shared socket another worker may take the last one first
+        # and leave us blocked in accept(): the parent's repeated SIGTERM gets us out. (No
+        # lock now: each accept() follows a poll() that saw a connection.)
         queued = select.poll()
         queued.register(self.listener, select.POLLIN)
         while not serving.cut and queued.poll(0):
@@ -140,6 +347,17 @@ class AcceptWorker:
                 break
             self.serve(fd)
         return process.EXIT_OK
+
+    def on_signal(self, signum: int) -> None:
+        """reuseport: the first SIGTERM shrinks this worker's own backlog at once (while the
+        connection in hand goes on), then the usual policy (:class:`Serving`)."""
+        if signum == signal.SIGTERM and not self.serving.stopping:
+            queued = accept_queue_length(self.listener)
+            with contextlib.suppress(OSError):
+                self.listener.listen(0)
+            if self.serving.tracing:
+                self.log.trace(f"stopping: serving the {queued} queued connection(s), no new ones")
+        self.serving.on_signal(signum)
 
     def next_connection(self, check_stop: bool) -> int | None:
         try:
@@ -164,17 +382,26 @@ class AcceptWorker:
         return fd
 
     def _wait(self, check_stop: bool) -> int | None:
-        """accept(), interruptible by a stop (the only place the handler may raise)."""
+        """[lock →] accept() [→ unlock], interruptible by a stop (the only place the handler
+        may raise). The lock is left before the connection is served."""
         serving = self.serving
+        lock = self.lock if check_stop else None
+        locked = False
         serving.interruptible = True
         try:
             if check_stop and serving.stopping:
                 return None
+            if lock is not None:
+                lock.acquire()
+                locked = True
             return int(self.accept_raw()[0])
         except Interrupted:
             return _LOST
         finally:
             serving.interruptible = False
+            if locked:
+                assert self.lock is not None
+                self.lock.release()
 
     def serve(self, fd: int) -> None:
         slot = self.slot
