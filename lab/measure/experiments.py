@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 IDLE_CONCURRENCY = 8
 POOL_CONCURRENCY = 64
 POOL_SIZES = (1, 2, 4)
-DURATION = 1.5  # seconds measured, at most (the sweep's own when shorter)
+DURATION = 1.0  # seconds measured, at most (the sweep's own when shorter)
 WARMUP = 0.3
 #: After the idle connections connect: time for the server to take them in.
 HOLD_SETTLE = 0.3
