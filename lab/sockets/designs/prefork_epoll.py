@@ -33,10 +33,12 @@ served with ``os.readv``/``os.write`` as the blocking designs serve theirs.
 pool. Signals: the worker's handler only notes a stop or the grace period's end
 (:class:`~lab.sockets.serving.Serving`); ``signal.set_wakeup_fd`` writes a byte into a pipe in
 the epoll set, so a signal that lands just before ``epoll_wait`` still ends the wait (the race
-``pselect`` exists for): no repeated SIGTERM is needed. The idle timeout is a periodic
-``timerfd`` (a quarter of ``--idle-timeout``): each message marks its connection active (a
-store), and each tick closes the connections that made no progress for four ticks — between 1
-and 1.25 × ``--idle-timeout`` — with no clock read per message and one ``read`` per tick.
+``pselect`` exists for). The parent still repeats SIGTERM every half second while workers live:
+a worker forked a moment before the stop may get the first one before it owns its signals.
+The idle timeout is a periodic ``timerfd`` (a quarter of ``--idle-timeout``): each message
+marks its connection active (a store), and each tick closes the connections that made no
+progress for four ticks — between 1 and 1.25 × ``--idle-timeout`` — with no clock read per
+message and one ``read`` per tick.
 
 **Stopping.** The parent shrinks the shared backlog (``listen(fd, 0)``) and forwards SIGTERM;
 each worker accepts until EAGAIN — together they take everything that was queued — closes its
@@ -138,8 +140,8 @@ class PreforkEpollServer(WorkersAcceptPool):
     # One worker still serves every connection it accepted at once: it cannot be made serial.
     # (PoolServer's value has an inferred, narrower type: hence the ignore.)
     serial_options: ClassVar[tuple[str, ...] | None] = None  # type: ignore[assignment]
-    # The wake-up pipe closes the signal-before-the-wait race: no SIGTERM needs repeating.
-    RESIGNAL_EVERY: ClassVar[float | None] = None
+    # The wake-up pipe closes the signal-before-the-wait race; the parent's repeated SIGTERM
+    # (inherited) is still needed for a worker so new that it did not yet own its signals.
     # Per echoed message: its wake-up, one readv and one write (tests/test_syscall_budget.py).
     syscalls_per_message: ClassVar[dict[str, int]] = {
         "epoll_wait": 1,
