@@ -105,6 +105,7 @@ class DockerBackend:
         self.peer: Container | None = None
         self.peer_name = ""
         self.peer_options: tuple[str, ...] = ()  # the options the running peer was given
+        self.peer_spec: ServerSpec | None = None  # what the running peer (or user server) is
         self._current: tuple[str, dict[str, str]] | None = None  # design and env now running
         self._found: _Found | None = None  # the lab before the first start; None once restored
         self._reader: ContainerReader | None = None  # of the server now running
@@ -119,17 +120,21 @@ class DockerBackend:
         env = {"LAB_TRACE": "0", **options_env(server.options)}  # tracing would be measured
         self._remember()
         self._reader = None  # the server may change: read whichever runs after this
-        if server.peer:
-            wanted = (server.peer, server.options)  # another peer, or other options: restart
-            if self.peer is None or (self.peer_name, self.peer_options) != wanted:
+        if server.peer or server.command:
+            # another peer or user server, or other options: restart
+            if self.peer is None or self.peer_spec != server:
                 self._remove_peer()
-                self._start_peer(server.peer, server.options)
+                if server.command:
+                    self._start_user(server)
+                else:
+                    self._start_peer(server.peer or "", server.options)
+                self.peer_spec = server
                 self.generation += 1
             return SERVER_HOST, SERVER_PORT
         self._remove_peer()
         running = [c for c in stack.containers(self.engine, self.project) if c.status == "running"]
         if not running:
-            stack.up(server.design, self.clients, project=self.project, extra_env=env)
+            self._up(server.design, env)
             self.generation += 1
         elif self._current != (server.design, env) or not self._server_running():
             stack.switch(server.design, self.project, extra_env=env)
@@ -137,6 +142,12 @@ class DockerBackend:
         self._current = (server.design, env)
         self._apply_pinning()
         return SERVER_HOST, SERVER_PORT
+
+    def _up(self, design: str, env: dict[str, str] | None = None) -> None:
+        """Start the lab, and wait until its clients' introductory exchanges are over: they
+        would otherwise reach the server (or the peer put in its place) during the bench."""
+        stack.up(design, self.clients, project=self.project, extra_env=env)
+        stack.wait_for_introductions(self.project)
 
     def _apply_pinning(self) -> None:
         if not self.pin:
@@ -153,9 +164,48 @@ class DockerBackend:
         """A peer takes the server's place: the compose server stops, and the peer runs in a
         container of the same image, hardening and network, under the alias ``bakawali``.
         The next design's start recreates the compose server."""
+        # the spec's options (e.g. --workers for the C pools) as for a local peer
+        command = ["python3", "-m", "lab.measure.peers", peer, "--port", str(SERVER_PORT)]
+        container = self._in_servers_place(f"peer_{peer}", [*command, *options])
+        self.peer, self.peer_name, self.peer_options = container, peer, options
+        self._apply_pinning()
+        self._current = None  # the compose server is stopped: a design must switch it back
+        deadline = time.monotonic() + 30
+        while b"ready design=" not in container.logs():
+            container.reload()
+            if container.status == "exited" or time.monotonic() > deadline:
+                self._remove_peer()
+                raise LabError(f"the peer {peer} did not start in its container")
+            time.sleep(0.2)
+
+    def _start_user(self, server: ServerSpec) -> None:
+        """A user's server takes the server's place as a peer does: its command (``{port}`` →
+        12345, ``{host}`` → 0.0.0.0) in a container of the lab image, the ``--mount`` paths
+        read-only at the same paths; ready once something listens on the port."""
+        from lab.measure import usercmd
+
+        words = usercmd.substitute(usercmd.parse_command(server.command), SERVER_PORT, "0.0.0.0")
+        container = self._in_servers_place(
+            f"user_{server.design}",
+            words,
+            volumes={path: {"bind": path, "mode": "ro"} for path in server.mounts},
+            working_dir=usercmd.working_dir(server.mounts),
+        )
+        self.peer, self.peer_name, self.peer_options = container, server.design, ()
+        self._apply_pinning()
+        self._current = None
+        try:
+            _wait_listening(container, server.command, words[0])
+        except usercmd.UserServerError:
+            self._remove_peer()
+            raise
+
+    def _in_servers_place(self, what: str, command: list[str], **extra: Any) -> Container:
+        """A started container in the server's place: the compose server stops, and this runs
+        from the same image, with its hardening, on its network under the alias ``bakawali``."""
         running = [c for c in stack.containers(self.engine, self.project) if c.status == "running"]
         if not running:
-            stack.up("iterative", self.clients, project=self.project)
+            self._up("iterative")
         server = stack.server_container(self.engine, self.project)
         image = str(server.attrs["Config"]["Image"])
         network = next(iter(server.attrs["NetworkSettings"]["Networks"]))
@@ -165,9 +215,8 @@ class DockerBackend:
         endpoint = self.engine.api.create_endpoint_config(aliases=[SERVER_HOST])
         container = self.engine.containers.create(
             image,
-            # the spec's options (e.g. --workers for the C pools) as for a local peer
-            ["python3", "-m", "lab.measure.peers", peer, "--port", str(SERVER_PORT), *options],
-            name=f"{self.project}_peer_{peer}",
+            command,
+            name=f"{self.project}_{what}",
             hostname=SERVER_HOST,
             init=True,
             labels={
@@ -184,24 +233,19 @@ class DockerBackend:
             sysctls={"net.ipv4.tcp_syncookies": "0"},
             network=network,
             networking_config={network: endpoint},
+            **{key: value for key, value in extra.items() if value is not None},
         )
         container.start()
-        self.peer, self.peer_name, self.peer_options = container, peer, options
-        self._apply_pinning()
-        self._current = None  # the compose server is stopped: a design must switch it back
-        deadline = time.monotonic() + 30
-        while b"ready design=" not in container.logs():
-            container.reload()
-            if container.status == "exited" or time.monotonic() > deadline:
-                self._remove_peer()
-                raise LabError(f"the peer {peer} did not start in its container")
-            time.sleep(0.2)
+        return container
 
     def _remove_peer(self) -> None:
         if self.peer is not None:
             with contextlib.suppress(Exception):  # already gone is fine
+                if self.peer_spec is not None and self.peer_spec.command:
+                    self.peer.stop(timeout=10)  # a user's server: SIGTERM, SIGKILL after 10 s
                 self.peer.remove(force=True)
             self.peer = None
+            self.peer_spec = None
 
     def _server(self) -> Container:
         if self.peer is not None:
@@ -333,7 +377,9 @@ class DockerBackend:
                 self._close_sessions()  # a service in an unknown state: start afresh next time
                 raise
             result = merge(LoadResult.from_dict(output) for output in outputs)
-            if result.loader_start_lag_s <= config.warmup:
+            # A run of a fixed count of requests measures every one of them however late a
+            # loader began: running it again would only send the server the count again.
+            if result.loader_start_lag_s <= config.warmup or config.requests is not None:
                 break
         return result
 
@@ -348,3 +394,54 @@ class DockerBackend:
         for session in self._sessions.values():
             session.close()
         self._sessions = {}
+
+
+def _wait_listening(container: Container, command: str, program: str) -> None:
+    """Until the user's server in ``container`` listens on :data:`SERVER_PORT` on an address the
+    clients reach: its network namespace's TCP tables, read from the host (or by exec). Its
+    exit, listening on loopback only, or the timeout is a one-line
+    :class:`~lab.measure.usercmd.UserServerError`."""
+    from lab.measure import usercmd
+
+    reader = ContainerReader(container, note=lambda _line: None)
+    state: dict[str, str | None] = {"seen": None}
+
+    def accepts() -> bool:
+        try:
+            tables = [reader.net_file(name) or "" for name in ("tcp", "tcp6")]
+        except Exception:  # it exited meanwhile (exec into a stopped container): asked next
+            return False
+        state["seen"] = usercmd.listening(tables, SERVER_PORT)
+        return state["seen"] == "any"
+
+    def exit_code() -> int | None:
+        container.reload()
+        if container.status in ("exited", "dead"):
+            return int(container.attrs.get("State", {}).get("ExitCode") or 0)
+        return None
+
+    def on_exit(code: int | None) -> usercmd.UserServerError:
+        lines = container.logs(stdout=False, stderr=True).decode(errors="replace").splitlines()
+        last = next((line.strip() for line in reversed(lines) if line.strip()), "")
+        if code in (126, 127) or ("exec" in last and "No such file" in last):
+            return usercmd.UserServerError(
+                f"the server command's program {program!r} is not in the lab image: use one it "
+                "has (python3, socat, bash …), or mount yours with --mount PATH"
+            )
+        return usercmd.exited(command, code, last)
+
+    try:
+        usercmd.wait_accepting(
+            accepts,
+            exit_code,
+            on_exit,
+            usercmd.never_accepted(command, SERVER_PORT, usercmd.READY_TIMEOUT),
+            usercmd.READY_TIMEOUT,
+        )
+    except usercmd.UserServerError:
+        if state["seen"] == "loopback":
+            raise usercmd.UserServerError(
+                f"{command!r} listens on port {SERVER_PORT} of loopback only, which the client "
+                "containers cannot reach: make it listen on {host} (0.0.0.0)"
+            ) from None
+        raise

@@ -83,6 +83,15 @@ class ContainerReader:
             return Path(f"/proc/{self._pid}/net/netstat").read_text()
         return self.exec_read("/proc/net/netstat") or ""
 
+    def net_file(self, name: str) -> str | None:
+        """``/proc/net/NAME`` of the container's network namespace (tcp, tcp6 …), or None."""
+        if self.cgroup_dirs is not None:
+            try:
+                return Path(f"/proc/{self._pid}/net/{name}").read_text()
+            except FileNotFoundError:
+                return None
+        return self.exec_read(f"/proc/net/{name}")
+
     def exec_read(self, path: str) -> str | None:
         """``cat PATH`` inside the container (the fallback; a process it pays for)."""
         result = self.container.exec_run(["cat", path], demux=False)
