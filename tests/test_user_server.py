@@ -132,6 +132,7 @@ def test_compare_runs_a_users_server_beside_a_peer_and_records_its_command(tmp_p
         warmup=0.1,
         user_servers={"mine": command},
     )
+    assert "peer-asyncio" in sweep.PEER_NAMES  # from the peers' registry
     results = sweep.compare(lambda: LocalBackend(keep=True), matrix)
     assert results["matrix"]["user_servers"] == {"mine": command}
     runs = {run["design"]: run for run in results["runs"]}

@@ -286,9 +286,9 @@ class LocalBackend:
         if server.command:
             from lab.measure.usercmd import LocalCommand
 
-            self.user = LocalCommand(server.command, pin=self.pin)
-            self.port = self.user.start("127.0.0.1")
-            self.running = server
+            user = LocalCommand(server.command, pin=self.pin)
+            self.port = user.start("127.0.0.1")  # stopped again if it fails to
+            self.user, self.running = user, server
             return "127.0.0.1", self.port
         if server.peer:
             command = [sys.executable, "-m", "lab.measure.peers", server.peer, *server.options]
