@@ -223,6 +223,10 @@ def test_quick_compare_is_three_repeats_of_the_chapter_designs_and_their_c_peers
     # one concurrency beyond the iterative design's backlog: claim 1 has its case
     assert max(matrix.concurrency) > DESIGNS["iterative"].default_backlog + 1
     assert set(servers) >= {"iterative", "spawn", "sendmsg", "multi-accept", "fork", "spawn+cat"}
+    # issue 8's budget: at most one thread design and one event loop besides
+    models = [DESIGNS[d].model for d in servers if d in DESIGNS]
+    assert sum("thread" in m for m in models) <= 1 and models.count("an event loop") <= 1
+    assert "peer-c-epoll" in servers  # the event loop's ceiling
     # the C peer of every family there, derived from the designs (not a hand-kept list)
     for name in servers:
         if sweep.c_peer(name) is not None:

@@ -133,9 +133,19 @@ def all_servers() -> list[str]:
     return [*DESIGNS, *VARIANTS, *PEER_NAMES]
 
 
-#: What `make lab`'s quick compare runs: the chapter's four designs, fork, spawn with cat, and
-#: the C peers of their families (the ×C ceilings).
-QUICK_DESIGNS = ("iterative", "spawn", "sendmsg", "multi-accept", "fork", "spawn+cat")
+#: What `make lab`'s quick compare runs: the chapter's four designs, fork, spawn with cat, one
+#: thread design (``thread``: set against ``fork`` by "threads are cheaper than processes"), one
+#: event loop (``select``), and the C peers of their families (the ×C ceilings).
+QUICK_DESIGNS = (
+    "iterative",
+    "spawn",
+    "sendmsg",
+    "multi-accept",
+    "fork",
+    "spawn+cat",
+    "thread",
+    "select",
+)
 
 
 def quick_servers() -> list[str]:
