@@ -67,6 +67,23 @@ def wait_until(
     return predicate()
 
 
+def stats_when(
+    server: RunningServer, predicate: Callable[[dict[str, object]], bool], timeout: float = 20.0
+) -> dict[str, object]:
+    """The server's statistics once ``predicate`` holds for them (a server counts a connection
+    just after it closes it, so a client's EOF comes a moment before the count); the last
+    reading when it never does, for the caller's assertion to show."""
+    stats: dict[str, object] = {}
+
+    def holds() -> bool:
+        nonlocal stats
+        stats = server.stats()
+        return predicate(stats)
+
+    wait_until(holds, timeout=timeout, interval=0.1)
+    return stats
+
+
 @dataclass
 class RunningServer:
     proc: subprocess.Popen[str]

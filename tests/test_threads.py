@@ -27,6 +27,7 @@ from harness import (
     ServerFactory,
     echo_once,
     recv_exactly,
+    stats_when,
     wait_until,
 )
 
@@ -199,7 +200,7 @@ def test_max_threads_makes_the_extra_client_wait_in_the_backlog_until_one_ends(
         busy.shutdown(socket.SHUT_WR)
         assert recv_to_eof(busy) == b""
         assert recv_to_eof(extra) == MESSAGE  # served once the first thread ended
-    stats = server.stats()
+    stats = stats_when(server, lambda s: s["completed"] == 2)
     assert (stats["accepted"], stats["completed"], stats["failed"]) == (2, 2, {}), stats
     assert accept_queue(server.port) == 0
 
@@ -227,7 +228,7 @@ def test_thread_pool_queue_holds_its_bound_and_the_rest_wait_in_the_backlog(
         busy.close()
         for sock in extras:
             sock.close()
-    stats = server.stats()
+    stats = stats_when(server, lambda s: s["completed"] == 1 + len(extras))
     assert stats["completed"] == 1 + len(extras) and stats["failed"] == {}, stats
 
 

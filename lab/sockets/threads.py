@@ -132,8 +132,11 @@ class WakePipe:
         self.read_fd, self.write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     def wake(self) -> None:
+        fd = self.write_fd
+        if fd < 0:
+            return  # closed: the server is exiting, a thread that outlived the cut wakes nobody
         with contextlib.suppress(BlockingIOError):  # full: the main thread is awake already
-            os.write(self.write_fd, b"w")
+            os.write(fd, b"w")
 
     def drain(self) -> None:
         with contextlib.suppress(BlockingIOError):
@@ -141,8 +144,11 @@ class WakePipe:
                 pass
 
     def close(self) -> None:
+        # The write end is marked closed before it is: a straggler thread's wake() then writes
+        # nothing, rather than into whatever descriptor might reuse the number.
+        write_fd, self.write_fd = self.write_fd, -1
         os.close(self.read_fd)
-        os.close(self.write_fd)
+        os.close(write_fd)
 
 
 class ThreadServer(Server):
