@@ -41,6 +41,7 @@ from harness import (
 )
 
 from lab.sockets.designs import DESIGNS
+from lab.sockets.supervise import ChildProcesses
 
 MESSAGE = ORIGINAL_MESSAGE  # 49 bytes, NUL included
 HALF = len(MESSAGE) // 2
@@ -487,15 +488,19 @@ def fd_numbers(pid: int) -> list[int]:
 # The pools whose workers call accept() (as each design declares): there the limit is set on
 # the workers, not on the supervising parent.
 WORKERS_ACCEPT = [d for d in PROCESS_POOLS if getattr(DESIGNS[d], "workers_accept", False)]
+# The designs with no child process (one process, its threads or its event loop accept and
+# serve): there the limit is set on the server itself.
+ONE_PROCESS = [d for d in ALL_DESIGNS if not issubclass(DESIGNS[d], ChildProcesses)]
 
 
-@pytest.mark.parametrize("design", ["iterative", *WORKERS_ACCEPT])
+@pytest.mark.parametrize("design", [*ONE_PROCESS, *WORKERS_ACCEPT])
 def test_descriptor_exhaustion_sheds_without_spinning_and_recovers(
     start_server: ServerFactory, design: str
 ) -> None:
-    # A backlog deep enough that connecting never waits for SYN retransmits.
-    args = ["--workers", "1", "--idle-timeout", "1"] if design in WORKERS_ACCEPT else []
-    args += ["--backlog", "128"]
+    # A backlog deep enough that connecting never waits for SYN retransmits. One worker (process
+    # or thread); a blocking accept() gives up after --idle-timeout (see below).
+    args = ["--workers", "1"] if design in POOL_DESIGNS else []
+    args += ["--idle-timeout", "1", "--backlog", "128"]
 
     def acceptors(server: RunningServer) -> list[int]:
         if design not in WORKERS_ACCEPT:
@@ -513,7 +518,7 @@ def test_descriptor_exhaustion_sheds_without_spinning_and_recovers(
     limits = {pid: lowest_free(fd_numbers(pid)) for pid in pids}
     for pid, limit in limits.items():
         resource.prlimit(pid, resource.RLIMIT_NOFILE, (limit, hard))
-    if design in WORKERS_ACCEPT:
+    if design in WORKERS_ACCEPT or DESIGNS[design].pool_of == "threads":
         # A worker blocked in accept() reserved its descriptor before it began to wait (the
         # kernel allocates the number first): the lower limit applies from its next accept(),
         # after the listening socket's SO_RCVTIMEO (--idle-timeout) ends this one.
