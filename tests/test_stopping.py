@@ -56,7 +56,7 @@ def test_sigterm_under_steady_load_cuts_no_accepted_connection(
     assert errors["reset"] + errors["short_read"] <= 2, errors
 
 
-@pytest.mark.parametrize("design", ["multi-accept", "sendmsg", "fork", "iterative"])
+@pytest.mark.parametrize("design", ALL_DESIGNS)
 def test_sigterm_to_the_process_group_is_an_orderly_stop(
     design: str, start_server: ServerFactory
 ) -> None:
@@ -199,7 +199,7 @@ def test_worker_cmd_program_gets_a_socket_without_the_servers_timeouts(
         assert sock.recv(100) == b"again\n"
 
 
-@pytest.mark.parametrize("design", ["iterative", "fork", "sendmsg", "multi-accept"])
+@pytest.mark.parametrize("design", ALL_DESIGNS)
 def test_a_second_sigterm_ends_the_grace_period_at_once(
     design: str, start_server: ServerFactory
 ) -> None:
