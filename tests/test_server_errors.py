@@ -144,7 +144,7 @@ def busy_port() -> Iterator[int]:
         yield holder.getsockname()[1]
 
 
-@pytest.mark.parametrize("design", ["iterative", "multi-accept"])  # one bind path; a pool too
+@pytest.mark.parametrize("design", ["iterative", "multi-accept", "reuseport"])  # bind paths
 @pytest.mark.parametrize("runner", RUNNERS)
 def test_port_in_use_says_so_and_names_port_option_exit_3(
     runner: str, design: str, busy_port: int
