@@ -185,9 +185,10 @@ class Server:
         self.log.line(self.stats_line())
         return EXIT_OK
 
-    def bind_and_listen(self, port: int, backlog: int, quiet: bool = False) -> socket.socket:
+    def passive_socket(self, port: int) -> tuple[socket.socket, tuple[object, ...]]:
+        """A TCP socket for --host's first address (``getaddrinfo`` with AI_PASSIVE), not yet
+        bound, and the address to bind it to."""
         host = self.config.host
-        trace = (lambda text: None) if quiet else self.log.trace
         try:
             family, kind, proto, _, address = socket.getaddrinfo(
                 host, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE
@@ -197,7 +198,12 @@ class Server:
                 f"cannot use --host {host!r} ({exc.strerror}): give an address "
                 "of this host, e.g. 0.0.0.0 or ::"
             ) from None
-        sock = socket.socket(family, kind, proto)
+        return socket.socket(family, kind, proto), address
+
+    def bind_and_listen(self, port: int, backlog: int, quiet: bool = False) -> socket.socket:
+        host = self.config.host
+        trace = (lambda text: None) if quiet else self.log.trace
+        sock, address = self.passive_socket(port)
         trace("socket() is OK")
         # SO_REUSEADDR lets a restarted server bind while old connections sit in TIME_WAIT;
         # it does not let two servers listen on one port (that would be SO_REUSEPORT).

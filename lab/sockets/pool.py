@@ -12,31 +12,19 @@ from __future__ import annotations
 
 import gc
 import signal
-import time
-from collections import deque
 
 from lab.sockets import process, signals
-from lab.sockets.config import ServerConfig
-from lab.sockets.log import Log
+from lab.sockets.respawn import Respawning
 from lab.sockets.stats import Slot
 from lab.sockets.supervise import ChildProcesses
 
 
-class PoolServer(ChildProcesses):
+class PoolServer(ChildProcesses, Respawning):
+    """A worker that keeps dying at once is replaced after a delay (lab.sockets.respawn)."""
+
     per_worker_stats = True
     pool_of = "processes"
     serial_options = ("--workers", "1", "--max-workers", "1")
-    # A worker that keeps dying at once (a bug, a missing resource) must not make the parent
-    # fork in a tight loop: after CRASH_LIMIT unexpected deaths within CRASH_WINDOW seconds,
-    # replacements wait RESPAWN_DELAY seconds.
-    CRASH_LIMIT = 5
-    CRASH_WINDOW = 5.0
-    RESPAWN_DELAY = 1.0
-
-    def __init__(self, config: ServerConfig, log: Log | None = None) -> None:
-        super().__init__(config, log)
-        self.deaths: deque[float] = deque(maxlen=self.CRASH_LIMIT)
-        self.respawn_at: float | None = None
 
     def counter_slots(self) -> int:
         return self.config.pool_max + 1
@@ -93,31 +81,11 @@ class PoolServer(ChildProcesses):
         if expected:
             self.maintain_pool()
             return
-        now = time.monotonic()
-        self.deaths.append(now)
-        cause = f"worker {pid} {signals.explain_status(status)}"
-        if len(self.deaths) == self.CRASH_LIMIT and now - self.deaths[0] < self.CRASH_WINDOW:
-            self.respawn_at = now + self.RESPAWN_DELAY
-            self.log.notice(f"{cause}; workers keep dying: replacing in {self.RESPAWN_DELAY:g} s")
-            return
-        started = self.maintain_pool() if self.respawn_at is None else 0
-        self.log.notice(cause + (": started a replacement" if started else ""))
+        self.replace(f"worker {pid} {signals.explain_status(status)}", "workers")
 
     def expected_exit(self, pid: int) -> bool:
         """Whether the worker said it was leaving (so its exit is no failure)."""
         return False
-
-    def poll_timeout(self, now: float) -> float | None:
-        timeout = super().poll_timeout(now)
-        if self.respawn_at is not None:
-            wait = max(0.0, self.respawn_at - now)
-            timeout = wait if timeout is None else min(timeout, wait)
-        return timeout
-
-    def tick(self) -> None:
-        if self.respawn_at is not None and time.monotonic() >= self.respawn_at:
-            self.respawn_at = None
-            self.maintain_pool()
 
     def signal_workers(self, signum: int = signal.SIGTERM) -> None:
         for pid in self.workers:

@@ -55,9 +55,9 @@ import time
 from collections import deque
 
 from lab.sockets import signals
-from lab.sockets.base import Server
 from lab.sockets.config import ServerConfig
 from lab.sockets.log import Log
+from lab.sockets.respawn import Respawning
 from lab.sockets.serving import Serving, shutdown_fd
 from lab.sockets.stats import STOPPED, WORKER_DIED, Slot
 
@@ -151,7 +151,7 @@ class WakePipe:
         os.close(write_fd)
 
 
-class ThreadServer(Server):
+class ThreadServer(Respawning):
     """The main thread supervises and (except in ``prethread-accept``) accepts; threads serve.
 
     A design overrides :meth:`busy` (whether connections are still in flight), :meth:`stop_threads`
@@ -161,11 +161,7 @@ class ThreadServer(Server):
     pool_of: ClassVar[str | None] = "threads"
     per_worker_stats = True
     family = "prefork"
-    # A thread that keeps raising at once must not make the main thread start threads in a tight
-    # loop: after CRASH_LIMIT deaths within CRASH_WINDOW seconds, replacements wait.
-    CRASH_LIMIT = 5
-    CRASH_WINDOW = 5.0
-    RESPAWN_DELAY = 1.0
+    # A thread that keeps raising at once is replaced after a delay (lab.sockets.respawn).
     # After the grace period's shutdown()s: how long the threads get to return from the echo
     # and count what they held (they return at once; this only bounds a thread that hangs).
     CUT_WAIT = 2.0
@@ -178,8 +174,6 @@ class ThreadServer(Server):
         self.states: list[ThreadServing] = []  # every serving state made, busy or not
         self.ended: deque[ThreadServing] = deque()  # threads that ended, for the main thread
         self.pool: set[ThreadServing] = set()  # pool threads running (the main thread's view)
-        self.deaths: deque[float] = deque(maxlen=self.CRASH_LIMIT)
-        self.respawn_at: float | None = None
         self._next_key = 1
 
     def counter_slots(self) -> int:
@@ -294,26 +288,7 @@ class ThreadServer(Server):
         if self.stopping:
             self.log.notice(cause)
             return
-        now = time.monotonic()
-        self.deaths.append(now)
-        if len(self.deaths) == self.CRASH_LIMIT and now - self.deaths[0] < self.CRASH_WINDOW:
-            self.respawn_at = now + self.RESPAWN_DELAY
-            self.log.notice(f"{cause}; threads keep dying: replacing in {self.RESPAWN_DELAY:g} s")
-            return
-        started = self.maintain_pool() if self.respawn_at is None else 0
-        self.log.notice(cause + (": started a replacement" if started else ""))
-
-    def poll_timeout(self, now: float) -> float | None:
-        timeout = super().poll_timeout(now)
-        if self.respawn_at is not None:
-            wait = max(0.0, self.respawn_at - now)
-            timeout = wait if timeout is None else min(timeout, wait)
-        return timeout
-
-    def tick(self) -> None:
-        if self.respawn_at is not None and time.monotonic() >= self.respawn_at:
-            self.respawn_at = None
-            self.maintain_pool()
+        self.replace(cause, "threads")
 
     # -- stopping ---------------------------------------------------------------------------
     def busy(self) -> bool:

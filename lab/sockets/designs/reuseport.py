@@ -87,16 +87,7 @@ class ReuseportServer(WorkersAcceptPool):
     def reserve(self, port: int) -> socket.socket:
         """The parent's socket: bound with SO_REUSEPORT, never listening (see the docstring)."""
         host = self.config.host
-        try:
-            family, kind, proto, _, address = socket.getaddrinfo(
-                host, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE
-            )[0]
-        except socket.gaierror as exc:
-            raise BindError(
-                f"cannot use --host {host!r} ({exc.strerror}): give an address "
-                "of this host, e.g. 0.0.0.0 or ::"
-            ) from None
-        sock = socket.socket(family, kind, proto)
+        sock, address = self.passive_socket(port)
         self.log.trace("socket() is OK")
         try:
             self._reuse(sock)
