@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from harness import wait_until
 from typer.testing import CliRunner
 
 from lab.cli.app import app
@@ -107,14 +108,14 @@ def test_stop_kills_a_server_that_ignores_sigterm_and_what_it_left_running(
     server.start()
     pid = server.pid
     server.stop(timeout=0.5)
-    assert gone(pid)
+    assert wait_until(lambda: gone(pid))  # SIGKILLed: dead a moment after kill() returns
 
     count = tmp_path / "count.json"
     server = usercmd.LocalCommand(echo_cmd("--child", "--count", str(count)))
     server.start()
     server.stop()
     child = json.loads(count.read_text())["child"]  # it ignored SIGTERM: killed after
-    assert gone(child)
+    assert wait_until(lambda: gone(child))
 
 
 # -- lab compare --peer ----------------------------------------------------------------------------

@@ -135,7 +135,8 @@ class WakePipe:
         fd = self.write_fd
         if fd < 0:
             return  # closed: the server is exiting, a thread that outlived the cut wakes nobody
-        with contextlib.suppress(BlockingIOError):  # full: the main thread is awake already
+        # BlockingIOError: full, the main thread is awake already; EBADF: closed just now.
+        with contextlib.suppress(OSError):
             os.write(fd, b"w")
 
     def drain(self) -> None:
