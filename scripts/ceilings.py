@@ -34,6 +34,16 @@ ROWS = [
     ("peer-c-fork", "peer-c-fork", (), None),
     ("peer-forking", "peer-forking", (), None),
     ("fork", "fork", (), "peer-forking"),
+    # The rest of the family (issue 8), each against its family's C peer.
+    ("thread", "thread", (), "peer-c-prefork"),
+    ("prethread-accept", "prethread-accept", TWO, "peer-c-prefork"),
+    ("thread-pool", "thread-pool", TWO, "peer-c-prefork"),
+    ("peer-c-epoll", "peer-c-epoll", TWO, None),
+    ("select", "select", (), "peer-c-epoll"),
+    ("asyncio", "asyncio", (), "peer-c-epoll"),
+    ("peer-asyncio", "peer-asyncio", (), "peer-c-epoll"),
+    ("reuseport", "reuseport", TWO, "peer-c-epoll"),
+    ("prefork-epoll", "prefork-epoll", TWO, "peer-c-epoll"),
 ]
 
 
