@@ -536,20 +536,33 @@ def _threads(cells: Sequence[Cell]) -> Claim:
         f"server CPU per request, connect-per-request, each thread design against its process "
         f"counterpart (paired by their declared model): {pairs}; pools only at equal size",
     )
+    judges = [(a, b, _versus(a, b, throughput=False)) for a, b in THREAD_PAIRS]
+    return _pairs_claim(claim, cells, judges, keep=1, none_ran="no pair ran")
+
+
+def _pairs_claim(
+    claim: tuple[int, str, str, str],
+    cells: Sequence[Cell],
+    judges: Sequence[tuple[str, str, Callable[[Cell, Sequence[Cell]], tuple[Verdict, str]]]],
+    keep: int,
+    none_ran: str,
+) -> Claim:
+    """A claim judged on pairs (a against b, each with its judge): the pairs' verdicts combined,
+    the last ``keep`` lines of each as evidence, and the pairs that could not be compared named."""
     verdicts: list[Verdict] = []
     lines: list[str] = []
     reasons: list[str] = []
-    for a, b in THREAD_PAIRS:
-        verdict, found = _pairwise(cells, a, (b,), _versus(a, b, throughput=False))
+    for a, b, judge in judges:
+        verdict, found = _pairwise(cells, a, (b,), judge)
         if found:
             verdicts.append(verdict)
-            lines += [f"{a} vs {b}: {line}" for line in found[-1:]]
+            lines += [f"{a} vs {b}: {line}" for line in found[-keep:]]
         else:
             reasons += _missing(cells, (a, b), CONNECT_PER_REQUEST) or [
                 f"{a} vs {b}: no common concurrency"
             ]
     if not verdicts:
-        return Claim(*claim, INCONCLUSIVE, _no_data(reasons, "no pair ran"))
+        return Claim(*claim, INCONCLUSIVE, _no_data(reasons, none_ran))
     evidence = "\n".join(lines)
     if reasons:
         evidence += "\nnot compared: " + "; ".join(reasons)
@@ -608,24 +621,8 @@ def _accept_lock(cells: Sequence[Cell]) -> Claim:
         f"server CPU per connection and throughput, connect-per-request: {locks}; a gain of at "
         f"most {LOCK_MARGIN:.0%} at the lock's most favourable repeats counts as none",
     )
-    verdicts: list[Verdict] = []
-    lines: list[str] = []
-    reasons: list[str] = []
-    for lock, bare in ACCEPT_LOCKS:
-        verdict, found = _pairwise(cells, lock, (bare,), _no_gain(lock, bare))
-        if found:
-            verdicts.append(verdict)
-            lines += [f"{lock} vs {bare}: {line}" for line in found[-2:]]
-        else:
-            reasons += _missing(cells, (lock, bare), CONNECT_PER_REQUEST) or [
-                f"{lock} vs {bare}: no common concurrency"
-            ]
-    if not verdicts:
-        return Claim(*claim, INCONCLUSIVE, _no_data(reasons, "no lock variant ran"))
-    evidence = "\n".join(lines)
-    if reasons:
-        evidence += "\nnot compared: " + "; ".join(reasons)
-    return Claim(*claim, _combine(verdicts), evidence)
+    judges = [(lock, bare, _no_gain(lock, bare)) for lock, bare in ACCEPT_LOCKS]
+    return _pairs_claim(claim, cells, judges, keep=2, none_ran="no lock variant ran")
 
 
 def _control(cells: Sequence[Cell]) -> Claim:
