@@ -23,8 +23,28 @@ from lab.sockets import stats
 from lab.sockets.log import printable
 from lab.sockets.serving import Serving
 
-# errnos that mean the peer or the path went away (counted as a reset, not a server error)
-_GONE = frozenset({errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETUNREACH})
+# errnos that mean the peer or the path went away: the connection ends as a reset, not a
+# server error. Every design's policy (the event loops' too, through outcome_of).
+PEER_GONE = frozenset(
+    {
+        errno.ECONNRESET,
+        errno.EPIPE,
+        errno.ECONNABORTED,
+        errno.ETIMEDOUT,
+        errno.EHOSTUNREACH,
+        errno.ENETUNREACH,
+    }
+)
+
+
+def outcome_of(exc: BaseException | None) -> str:
+    """How an error ends a connection: the peer went away (``reset``) or anything else
+    (``error``); no error is a connection the client closed (``completed``)."""
+    if exc is None:
+        return stats.COMPLETED
+    if isinstance(exc, OSError) and exc.errno in PEER_GONE:
+        return stats.RESET
+    return stats.ERROR
 
 
 def echo(fd: int, serving: Serving) -> tuple[str, int, int]:
@@ -67,7 +87,7 @@ def echo(fd: int, serving: Serving) -> tuple[str, int, int]:
             log.trace("the client reset the connection")
         return stats.RESET, bytes_in, bytes_out
     except OSError as exc:
-        if exc.errno in _GONE:
+        if exc.errno in PEER_GONE:
             return stats.RESET, bytes_in, bytes_out
         if tracing:
             log.trace(f"socket error: {exc}")

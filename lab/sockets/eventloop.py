@@ -26,37 +26,11 @@ never earlier).
 
 from __future__ import annotations
 
-import errno
 import math
-
-from lab.sockets import stats
 
 TYPE_CHECKING = False  # typing is not imported at run time (see lab.sockets.base)
 if TYPE_CHECKING:
     from typing import Any  # a connection: any object with `seen` and `due` (ints)
-
-
-# errnos that mean the peer or the path went away (counted as a reset, not a server error)
-_GONE = frozenset(
-    {
-        errno.ECONNRESET,
-        errno.EPIPE,
-        errno.ECONNABORTED,
-        errno.ETIMEDOUT,
-        errno.EHOSTUNREACH,
-        errno.ENETUNREACH,
-    }
-)
-
-
-def outcome_of(exc: BaseException | None) -> str:
-    """How an error ends a connection: the peer went away (``reset``) or anything else
-    (``error``); no error is a connection the client closed (``completed``)."""
-    if exc is None:
-        return stats.COMPLETED
-    if isinstance(exc, OSError) and exc.errno in _GONE:
-        return stats.RESET
-    return stats.ERROR
 
 
 def tick_interval(idle_timeout: float) -> float:

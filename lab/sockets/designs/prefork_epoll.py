@@ -58,7 +58,6 @@ ours (the list ``epoll.poll`` returns is the standard library's).
 from __future__ import annotations
 
 import ctypes
-import errno
 import os
 import select
 import signal
@@ -69,6 +68,7 @@ from lab.sockets import process
 from lab.sockets.accept import Acceptor
 from lab.sockets.config import ServerConfig
 from lab.sockets.designs.multi_accept import WorkersAcceptPool
+from lab.sockets.echo import outcome_of
 from lab.sockets.log import Log, printable
 from lab.sockets.serving import Serving
 from lab.sockets.stats import COMPLETED, ERROR, IDLE_TIMEOUT, RESET, STOPPED, Slot
@@ -80,8 +80,6 @@ if TYPE_CHECKING:
 IN, OUT = select.EPOLLIN, select.EPOLLOUT
 MAX_EVENTS = 64  # per epoll_wait: one call's array, allocated by the standard library
 TICKS = 4  # the idle timeout is this many periods of the worker's timer
-_GONE = frozenset({errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETUNREACH})
-_RESETS = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _CLOCK_MONOTONIC = 1
@@ -275,11 +273,8 @@ class EpollWorker:
             n = os.readv(conn.fd, self.buffers)
         except BlockingIOError:
             return  # a stale event (the descriptor was reused in this batch)
-        except _RESETS:
-            self.end(conn, RESET)
-            return
         except OSError as exc:
-            self.end(conn, RESET if exc.errno in _GONE else ERROR)
+            self.end(conn, outcome_of(exc))
             return
         if not n:
             self.end(conn, COMPLETED)
@@ -294,11 +289,8 @@ class EpollWorker:
             sent = os.write(conn.fd, self.out)
         except BlockingIOError:
             sent = 0
-        except _RESETS:
-            self.end(conn, RESET)
-            return
         except OSError as exc:
-            self.end(conn, RESET if exc.errno in _GONE else ERROR)
+            self.end(conn, outcome_of(exc))
             return
         conn.bytes_out += sent
         if sent == n:
@@ -316,11 +308,8 @@ class EpollWorker:
             sent = os.write(conn.fd, pending)
         except BlockingIOError:
             return
-        except _RESETS:
-            self.end(conn, RESET)
-            return
         except OSError as exc:
-            self.end(conn, RESET if exc.errno in _GONE else ERROR)
+            self.end(conn, outcome_of(exc))
             return
         conn.bytes_out += sent
         conn.active = True

@@ -66,7 +66,8 @@ import time
 from lab.sockets import stats
 from lab.sockets.base import Server
 from lab.sockets.config import ConfigError, ServerConfig
-from lab.sockets.eventloop import IdleWheel, outcome_of
+from lab.sockets.echo import outcome_of
+from lab.sockets.eventloop import IdleWheel
 from lab.sockets.log import printable
 from lab.sockets.serving import BUFFER_SIZE
 
