@@ -390,6 +390,54 @@ static void reap_children(void);
 static pid_t *children;
 static size_t nchildren;
 
+/* --- the accepting parent (fork, sendmsg) ---------------------------------------------------- */
+
+/* The parent waits in ppoll() with the signals unblocked only for the wait (atomically, so a
+ * SIGTERM or SIGCHLD that comes just before it is not lost), reaps every child that ended
+ * (no zombies), and accepts until the queue is empty (at most ACCEPT_BATCH), handing each
+ * connection to `handle`, which owns it from then on. Returns once a stop was requested, with
+ * the listener closed. */
+static void accept_until_stopped(int lfd, const sigset_t *waitmask, void (*handle)(int, int)) {
+    while (!stop_requested) {
+        if (stats_requested) {
+            stats_requested = 0;
+            print_stats();
+        }
+        if (child_exited) {
+            child_exited = 0;
+            reap_children();
+        }
+        struct pollfd p = {.fd = lfd, .events = POLLIN};
+        if (ppoll(&p, 1, NULL, waitmask) < 0) {
+            if (errno == EINTR)
+                continue;
+            fail(EXIT_ERROR, "ppoll(): %s", strerror(errno));
+        }
+        for (int i = 0; i < ACCEPT_BATCH; i++) {
+            int fd = accept4(lfd, NULL, NULL, SOCK_CLOEXEC); /* blocking, unlike the listener */
+            if (fd < 0) {
+                if (errno != EAGAIN && errno != EWOULDBLOCK)
+                    accept_failed();
+                break;
+            }
+            count_accept();
+            handle(lfd, fd);
+        }
+    }
+    close(lfd);
+}
+
+/* SIGTERM every child still alive (never the process group: it may be the shell's), wait for
+ * each, print the statistics line. */
+static int stop_children(void) {
+    for (size_t i = 0; i < nchildren; i++)
+        kill(children[i], SIGTERM);
+    while (waitpid(-1, NULL, 0) > 0 || errno == EINTR)
+        ;
+    print_stats();
+    return EXIT_OK;
+}
+
 /* --- sendmsg: the parent accepts, workers recvmsg() the descriptors ----------------------- */
 
 /* The descriptor rides in an SCM_RIGHTS control message: the kernel installs a new descriptor
@@ -423,8 +471,13 @@ static void sendmsg_worker(int chan) {
     }
 }
 
-/* Pass one descriptor (blocking: a full queue waits for a worker to take one). */
-static void pass_descriptor(int chan, int fd) {
+/* The parent's end of the channel. */
+static int channel = -1;
+
+/* Pass one descriptor (blocking: a full queue waits for a worker to take one), then close the
+ * parent's copy. */
+static void pass_descriptor(int lfd, int fd) {
+    (void)lfd;
     char byte = 'c';
     struct iovec iov = {.iov_base = &byte, .iov_len = 1};
     union {
@@ -439,13 +492,13 @@ static void pass_descriptor(int chan, int fd) {
     c->cmsg_type = SCM_RIGHTS;
     c->cmsg_len = CMSG_LEN(sizeof fd);
     memcpy(CMSG_DATA(c), &fd, sizeof fd);
-    while (sendmsg(chan, &msg, MSG_NOSIGNAL) < 0 && errno == EINTR)
+    while (sendmsg(channel, &msg, MSG_NOSIGNAL) < 0 && errno == EINTR)
         ;
+    close(fd);
 }
 
-/* The parent waits in ppoll() (signals unblocked only for the wait, as in fork mode), accepts
- * until the queue is empty, passes each connection and closes its copy: the message in the
- * channel's queue holds the connection open until a worker receives it. */
+/* The parent accepts (accept_until_stopped), passes each connection and closes its copy: the
+ * message in the channel's queue holds the connection open until a worker receives it. */
 static int run_sendmsg(int lfd, int workers, const sigset_t *waitmask, void (*ready)(void)) {
     int pair[2];
     if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, pair) < 0)
@@ -465,41 +518,10 @@ static int run_sendmsg(int lfd, int workers, const sigset_t *waitmask, void (*re
     }
     close(pair[1]);
     ready();
-    while (!stop_requested) {
-        if (stats_requested) {
-            stats_requested = 0;
-            print_stats();
-        }
-        if (child_exited) {
-            child_exited = 0;
-            reap_children();
-        }
-        struct pollfd p = {.fd = lfd, .events = POLLIN};
-        if (ppoll(&p, 1, NULL, waitmask) < 0) {
-            if (errno == EINTR)
-                continue;
-            fail(EXIT_ERROR, "ppoll(): %s", strerror(errno));
-        }
-        for (int i = 0; i < ACCEPT_BATCH; i++) {
-            int fd = accept4(lfd, NULL, NULL, SOCK_CLOEXEC);
-            if (fd < 0) {
-                if (errno != EAGAIN && errno != EWOULDBLOCK)
-                    accept_failed();
-                break;
-            }
-            count_accept();
-            pass_descriptor(pair[0], fd);
-            close(fd);
-        }
-    }
-    close(lfd);
+    channel = pair[0];
+    accept_until_stopped(lfd, waitmask, pass_descriptor);
     close(pair[0]); /* the workers' recvmsg() then sees EOF once the queue is served */
-    for (size_t i = 0; i < nchildren; i++)
-        kill(children[i], SIGTERM);
-    while (waitpid(-1, NULL, 0) > 0 || errno == EINTR)
-        ;
-    print_stats();
-    return EXIT_OK;
+    return stop_children();
 }
 
 /* --- the parent of a pool (prefork, epoll) -------------------------------------------------- */
@@ -571,8 +593,7 @@ static int run_pool(int lfd, int workers, const sigset_t *waitmask, void (*ready
 
 /* --- fork: a child per connection ------------------------------------------------------------ */
 
-/* The children alive, so that a stop can SIGTERM exactly them (never the process group: it may
- * be the shell's). */
+/* The children alive (`children`, declared above), so that a stop can SIGTERM exactly them. */
 static size_t children_cap;
 
 static void child_started(pid_t pid) {
@@ -599,59 +620,33 @@ static void reap_children(void) {
     }
 }
 
-/* The parent waits in ppoll() with the signals unblocked only for the wait (atomically, so a
- * SIGTERM or SIGCHLD that comes just before it is not lost), reaps every child that ended
- * (no zombies), and accepts: each connection gets a fork()ed child that echoes and _exit(0)s;
- * the parent closes its copy of the connection at once. */
+/* The children's buffer: allocated once, inherited by fork(). */
+static char *child_buf;
+
+/* Each connection gets a fork()ed child that echoes and _exit(0)s; the parent closes its copy
+ * of the connection at once. */
+static void fork_child(int lfd, int fd) {
+    pid_t pid = fork();
+    if (pid == 0) {
+        become_child();
+        close(lfd);
+        echo_blocking(fd, child_buf);
+        _exit(EXIT_OK);
+    }
+    if (pid < 0)
+        fprintf(stderr, "lab-cpeer: fork(): %s: connection closed\n", strerror(errno));
+    else
+        child_started(pid);
+    close(fd);
+}
+
 static int run_fork(int lfd, const sigset_t *waitmask, void (*ready)(void)) {
-    char *buf = malloc(BUFFER_SIZE); /* the children's: allocated once, inherited by fork() */
-    if (buf == NULL)
+    child_buf = malloc(BUFFER_SIZE);
+    if (child_buf == NULL)
         fail(EXIT_ERROR, "out of memory");
     ready();
-    while (!stop_requested) {
-        if (stats_requested) {
-            stats_requested = 0;
-            print_stats();
-        }
-        if (child_exited) {
-            child_exited = 0;
-            reap_children();
-        }
-        struct pollfd p = {.fd = lfd, .events = POLLIN};
-        if (ppoll(&p, 1, NULL, waitmask) < 0) {
-            if (errno == EINTR)
-                continue;
-            fail(EXIT_ERROR, "ppoll(): %s", strerror(errno));
-        }
-        for (int i = 0; i < ACCEPT_BATCH; i++) {
-            int fd = accept4(lfd, NULL, NULL, SOCK_CLOEXEC); /* blocking, unlike the listener */
-            if (fd < 0) {
-                if (errno != EAGAIN && errno != EWOULDBLOCK)
-                    accept_failed();
-                break;
-            }
-            count_accept();
-            pid_t pid = fork();
-            if (pid == 0) {
-                become_child();
-                close(lfd);
-                echo_blocking(fd, buf);
-                _exit(EXIT_OK);
-            }
-            if (pid < 0)
-                fprintf(stderr, "lab-cpeer: fork(): %s: connection closed\n", strerror(errno));
-            else
-                child_started(pid);
-            close(fd);
-        }
-    }
-    close(lfd);
-    for (size_t i = 0; i < nchildren; i++)
-        kill(children[i], SIGTERM);
-    while (waitpid(-1, NULL, 0) > 0 || errno == EINTR)
-        ;
-    print_stats();
-    return EXIT_OK;
+    accept_until_stopped(lfd, waitmask, fork_child);
+    return stop_children();
 }
 
 /* --- main ---------------------------------------------------------------------------------- */
