@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,6 +65,16 @@ def wait_until(
             return True
         time.sleep(interval)
     return predicate()
+
+
+@contextlib.contextmanager
+def closing_all(socks: list[socket.socket]) -> Iterator[list[socket.socket]]:
+    """Close every socket of the list (it may grow inside the block) on the way out."""
+    try:
+        yield socks
+    finally:
+        for sock in socks:
+            sock.close()
 
 
 def stats_when(

@@ -8,7 +8,6 @@ bound are memory and CPU time, which a slow machine does not inflate.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import os
 import random
@@ -19,7 +18,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ from harness import (
     ORIGINAL_MESSAGE,
     RunningServer,
     ServerFactory,
+    closing_all,
     cpu_seconds,
     echo_once,
     fd_count,
@@ -97,15 +97,6 @@ def send_until_stalled(sock: socket.socket, payload: bytes) -> int:
                 break
     sock.setblocking(True)
     return sent
-
-
-@contextlib.contextmanager
-def closing_all(socks: list[socket.socket]) -> Iterator[list[socket.socket]]:
-    try:
-        yield socks
-    finally:
-        for sock in socks:
-            sock.close()
 
 
 # --- partial writes and bounded output -----------------------------------------------------------

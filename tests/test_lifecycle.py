@@ -32,6 +32,7 @@ from harness import (
     SERIAL_DESIGNS,
     RunningServer,
     ServerFactory,
+    closing_all,
     cpu_seconds,
     echo_once,
     fd_count,
@@ -179,15 +180,6 @@ def tracking(server: RunningServer) -> Iterator[set[int]]:
 def leftovers(server: RunningServer, seen: set[int]) -> list[int]:
     """Processes still alive from the server's group or from those seen below it."""
     return sorted(set(server.group_members()) | {pid for pid in seen if alive(pid)})
-
-
-@contextlib.contextmanager
-def closing_all(socks: list[socket.socket]) -> Iterator[list[socket.socket]]:
-    try:
-        yield socks
-    finally:
-        for sock in socks:
-            sock.close()
 
 
 # --- 1. stopping an idle server -----------------------------------------------------------------
