@@ -247,9 +247,11 @@ def test_sigterm_lets_open_connections_finish_and_refuses_newcomers(
             assert sock.recv(1) == b""
         assert server.wait(GUARD) == 0
     stats = server.final_stats()
-    # The connections in flight, and any probe that got in before the stop was handled.
-    expected = 3 + len(probes)
-    assert (stats["completed"], stats["failed"], stats["in_flight"]) == (expected, {}, 0), stats
+    # The connections in flight, and a probe that got in before the stop was handled; one that
+    # raced into the queue as the listener closed is the kernel's to reset, never accepted
+    # (docs/server.md: "one or two at most").
+    assert 3 <= stats["completed"] <= 3 + len(probes), (stats, probes)
+    assert (stats["failed"], stats["in_flight"], stats["accepted"]) == ({}, 0, stats["completed"])
 
 
 @pytest.mark.parametrize(("design", "loop_args"), LOOPS)

@@ -39,7 +39,6 @@ def main() -> int:
     parser.add_argument("--ignore-term", action="store_true")
     parser.add_argument("--child", action="store_true")
     args = parser.parse_args()
-    listener = socket.create_server((args.host, args.port), backlog=128)
     if args.child:
         code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"
         child = subprocess.Popen([sys.executable, "-c", code])
@@ -54,7 +53,9 @@ def main() -> int:
         print("count " + line, flush=True)
         os._exit(0)
 
+    # Before listening: a SIGTERM that comes as soon as the port answers finds the handler.
     signal.signal(signal.SIGTERM, signal.SIG_IGN if args.ignore_term else stop)
+    listener = socket.create_server((args.host, args.port), backlog=128)
     while True:
         conn, _ = listener.accept()
         with lock:
