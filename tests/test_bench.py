@@ -4,12 +4,14 @@ and correctness of the result, never its speed."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import statistics
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from harness import ALL_DESIGNS, POOL_DESIGNS
+from harness import ALL_DESIGNS, POOL_DESIGNS, wait_until
 from typer.testing import CliRunner
 
 from lab.cli.app import app
@@ -194,3 +196,52 @@ def test_iterative_server_beyond_its_backlog_overflows_the_listen_queue() -> Non
     overflows = result["server"]["listen_overflows"]
     assert 0 < overflows <= kernel, (overflows, kernel)
     assert result["load"]["requests"] > 0  # it served, one at a time
+
+
+# --- a sweep's backend keeps several servers -------------------------------------------------
+
+
+def test_servers_kept_together_are_each_measured_alone() -> None:
+    """Two servers up at once on one backend, each on its own port and in its own process tree:
+    a run is measured on its own server only — its statistics and CPU — while the other idles,
+    and asking for a server again reuses it (started once) unless it died."""
+    from lab.measure import probe
+
+    backend = LocalBackend(keep=True)
+    pool, forking = ServerSpec("multi-accept", ("--workers", "2")), ServerSpec("fork")
+    try:
+        first = bench(backend, pool, tiny_config()).to_dict()  # type: ignore[arg-type]
+        pool_port, pool_pid = backend.port, backend.pid
+        backend.start(forking)
+        fork_port, fork_pid = backend.port, backend.pid
+        assert fork_port != pool_port and fork_pid != pool_pid
+        assert not set(probe.process_tree(pool_pid)) & set(probe.process_tree(fork_pid))
+
+        # The pool idles while fork is measured: its statistics and CPU do not move with it.
+        backend.start(pool)
+        pool_before, pool_cpu = backend.stats(), backend.cpu_seconds()
+        second = bench(backend, forking, tiny_config()).to_dict()  # type: ignore[arg-type]
+        assert (backend.port, backend.pid) == (fork_port, fork_pid)
+        assert backend.start(pool) == ("127.0.0.1", pool_port) and backend.pid == pool_pid
+        pool_after, pool_idle_cpu = backend.stats(), backend.cpu_seconds() - pool_cpu
+        assert pool_before and pool_after
+        assert pool_after["completed"] == pool_before["completed"]  # fork's load was fork's
+        assert pool_idle_cpu < second["server"]["run_cpu_s"]  # an idle tree, not fork's
+        for result, design in ((first, "multi-accept"), (second, "fork")):
+            assert_complete(result, design)
+            stats = result["server"]["stats"]
+            assert stats["design"] == design and stats["completed"] >= result["load"]["requests"]
+        assert backend.started == [pool, forking]  # each started once
+
+        # A server that died is started again when next asked for.
+        backend.start(forking)
+        os.killpg(fork_pid, signal.SIGKILL)
+        assert wait_until(lambda: not backend.servers[forking].alive())
+        backend.start(forking)
+        again = backend.pid
+        assert again != fork_pid and backend.started == [pool, forking, forking]
+        assert backend.stats() is not None
+    finally:
+        backend.close()
+    assert not backend.servers  # close() stopped both, and reaped them
+    assert not any(Path(f"/proc/{pid}").exists() for pid in (pool_pid, again))

@@ -25,6 +25,7 @@ included, is kept beside it as ``run_cpu_s`` (not divided by anything).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -124,6 +125,11 @@ def server_command(server: ServerSpec) -> dict[str, Any]:
 
 
 class Backend(Protocol):
+    """Where a bench runs. Optional, read with ``getattr``: ``holds_many_servers`` (True:
+    several servers can be up at once, each measured apart, so a sweep interleaves its
+    repeats; absent: one server at a time), ``generation`` and ``idle_measured`` (see
+    :func:`bench`), ``close()`` (after a sweep)."""
+
     name: str
 
     def start(self, server: ServerSpec) -> tuple[str, int]:
@@ -152,7 +158,8 @@ def bench(backend: Backend, server: ServerSpec, config: LoadConfig) -> BenchResu
         with CpuTrace(backend.cpu_seconds) as cpu:
             # The idle rate is measured under the same observation as the run (both samplers
             # running), so what observing costs the server is subtracted with it — once per
-            # server start: a sweep's later runs on the same server reuse it.
+            # server start: a sweep's later runs on the same server reuse it (a backend that
+            # keeps several servers keeps one for each, under that server's start number).
             generation = getattr(backend, "generation", None)
             cached = getattr(backend, "idle_measured", None)
             if generation is not None and cached is not None and cached[0] == generation:
@@ -259,37 +266,32 @@ def _retarget(config: LoadConfig, host: str, port: int) -> LoadConfig:
     return replace(config, host=host, port=port)
 
 
-class LocalBackend:
-    """The server as a local process on loopback; CPU and memory from its tree in /proc."""
+class _LocalServer:
+    """One server of a :class:`LocalBackend` as a local process (a design, a peer, or a user's
+    server), and what is kept per server: its port, its output, its start number (bench()
+    measures idle once per start) and that idle measurement."""
 
-    name = "local"
-
-    def __init__(self, pin: bool = False, keep: bool = False) -> None:
-        self.pin = pin and (os.cpu_count() or 1) >= 2
-        # keep: a sweep — the server runs on between runs of the same spec, and the loader
-        # processes stay up (close() ends both); otherwise every run stops the server.
-        self.keep = keep
-        self.pool = LoaderPool() if keep else None
+    def __init__(self, spec: ServerSpec, generation: int) -> None:
+        self.spec = spec
+        self.generation = generation
+        self.idle_measured: tuple[int, float] | None = None
         self.proc: subprocess.Popen[str] | None = None
         self.user: LocalCommand | None = None  # a user's server (then proc is None)
-        self.running: ServerSpec | None = None
         self.port = 0
-        self.generation = 0  # counts server starts (bench() measures idle once per start)
-        self.lines: list[str] = []
+        self.lines: list[str] = []  # its output (stdout and stderr), line by line
         self._cond = threading.Condition()
 
-    def start(self, server: ServerSpec) -> tuple[str, int]:
-        if self.running == server and self._alive():
-            return "127.0.0.1", self.port
-        self._stop_server()
-        self.generation += 1
+    def start(self, pin: bool) -> None:
+        """Start it on an ephemeral loopback port and wait until it is ready; one that fails to
+        start is stopped again (:class:`BenchError`, or the user server's own error)."""
+        server = self.spec
         if server.command:
             from lab.measure.usercmd import LocalCommand
 
-            user = LocalCommand(server.command, pin=self.pin)
+            user = LocalCommand(server.command, pin=pin)
             self.port = user.start("127.0.0.1")  # stopped again if it fails to
-            self.user, self.running = user, server
-            return "127.0.0.1", self.port
+            self.user = user
+            return
         if server.peer:
             command = [sys.executable, "-m", "lab.measure.peers", server.peer, *server.options]
         else:
@@ -310,15 +312,17 @@ class LocalBackend:
             text=True,
             start_new_session=True,
             # --pin: the server (and every process it starts) on core 0, the loaders on core 1
-            preexec_fn=(lambda: os.sched_setaffinity(0, {0})) if self.pin else None,
+            preexec_fn=(lambda: os.sched_setaffinity(0, {0})) if pin else None,
         )
-        start = len(self.lines)  # a backend serves a whole sweep: skip earlier servers' lines
         threading.Thread(target=self._read, args=(self.proc,), daemon=True).start()
-        line = self._wait_for(_READY, READY_TIMEOUT, start)
+        try:
+            line = self.wait_for(_READY, READY_TIMEOUT, 0)
+        except BaseException:
+            self.stop()
+            raise
         match = _READY.search(line)
         assert match is not None
-        self.running, self.port = server, int(match.group(3))
-        return "127.0.0.1", self.port
+        self.port = int(match.group(3))
 
     def _read(self, proc: subprocess.Popen[str]) -> None:
         assert proc.stdout is not None
@@ -329,7 +333,8 @@ class LocalBackend:
         with self._cond:
             self._cond.notify_all()
 
-    def _wait_for(self, pattern: re.Pattern[str], timeout: float, start: int) -> str:
+    def wait_for(self, pattern: re.Pattern[str], timeout: float, start: int) -> str:
+        """The first line of its output from index ``start`` on that matches ``pattern``."""
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
@@ -342,7 +347,7 @@ class LocalBackend:
                     raise BenchError(f"the server did not answer in time: {last}")
                 self._cond.wait(0.1)
 
-    def _alive(self) -> bool:
+    def alive(self) -> bool:
         if self.user is not None:
             return self.user.running()
         return self.proc is not None and self.proc.poll() is None
@@ -357,11 +362,104 @@ class LocalBackend:
     def stats(self) -> dict[str, Any] | None:
         if self.user is not None:
             return None  # a user's server keeps no statistics of ours (and SIGUSR1 may kill it)
-        start = len(self.lines)
+        start = len(self.lines)  # its earlier statistics lines are not this reading
         os.kill(self.pid, signal.SIGUSR1)
-        line = self._wait_for(re.compile(r'^\{"event": "stats"'), STATS_TIMEOUT, start)
+        line = self.wait_for(re.compile(r'^\{"event": "stats"'), STATS_TIMEOUT, start)
         data: dict[str, Any] = json.loads(line)
         return data if "completed" in data else None
+
+    def stop(self) -> None:
+        if self.user is not None:
+            user, self.user = self.user, None
+            user.stop()
+            return
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):  # it exited a moment ago
+            os.kill(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+class LocalBackend:
+    """Servers as local processes on loopback; CPU and memory from the measured server's own
+    process tree in /proc.
+
+    With ``keep`` (a sweep) every server, once started, runs on until :meth:`close`, each on
+    its own ephemeral port: a sweep can interleave its designs' repeats and still start each
+    server once (:attr:`holds_many_servers`). The readings — CPU, memory, statistics — are of
+    the server the last :meth:`start` chose, and of it alone: the others idle meanwhile.
+    Without ``keep`` every run stops its server."""
+
+    name = "local"
+    #: Several servers can be up at once, each measured on its own: a sweep interleaves.
+    holds_many_servers = True
+
+    def __init__(self, pin: bool = False, keep: bool = False) -> None:
+        self.pin = pin and (os.cpu_count() or 1) >= 2
+        # keep: a sweep — every server runs on between its runs, and the loader processes stay
+        # up (close() ends both); otherwise every run stops the server.
+        self.keep = keep
+        self.pool = LoaderPool() if keep else None
+        self.servers: dict[ServerSpec, _LocalServer] = {}  # those up, one per spec
+        self.current: _LocalServer | None = None  # the one being measured
+        self.started: list[ServerSpec] = []  # every server start, in order
+
+    # -- choosing the server ------------------------------------------------------------------
+    def start(self, server: ServerSpec) -> tuple[str, int]:
+        """The server of this spec, started the first time it is asked for (or again if it
+        died), and from now on the one measured; returns its address."""
+        self.current = None  # until this one answers, no reading may go to another
+        found = self.servers.pop(server, None)
+        if found is not None and found.alive():
+            self.servers[server] = self.current = found
+            return "127.0.0.1", found.port
+        if found is not None:
+            found.stop()  # it died: whatever of its session is left goes with it
+        self.started.append(server)
+        launched = _LocalServer(server, generation=len(self.started))
+        launched.start(self.pin)  # one that fails to start is not kept
+        self.servers[server] = self.current = launched
+        return "127.0.0.1", launched.port
+
+    def _server(self) -> _LocalServer:
+        if self.current is None:
+            raise BenchError("no server is running: start one first")
+        return self.current
+
+    @property
+    def generation(self) -> int:
+        """The measured server's start number: bench() measures idle once per server start."""
+        return self._server().generation
+
+    @property
+    def idle_measured(self) -> tuple[int, float] | None:
+        """The measured server's idle rate, as bench() measured it (its start number, rate)."""
+        return self._server().idle_measured
+
+    @idle_measured.setter
+    def idle_measured(self, value: tuple[int, float]) -> None:
+        self._server().idle_measured = value
+
+    @property
+    def port(self) -> int:
+        return self._server().port
+
+    @property
+    def pid(self) -> int:
+        return self._server().pid
+
+    @property
+    def lines(self) -> list[str]:
+        """The measured server's output, line by line."""
+        return self._server().lines
+
+    # -- reading it ---------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any] | None:
+        return self._server().stats()
 
     def cpu_seconds(self) -> float:
         return probe.tree_cpu_seconds(self.pid)
@@ -382,28 +480,19 @@ class LocalBackend:
         finally:
             os.sched_setaffinity(0, mask)
 
+    # -- stopping -----------------------------------------------------------------------------
     def stop(self) -> None:
-        """After a run: the server stops, unless this backend keeps it for a sweep."""
-        if not self.keep:
-            self._stop_server()
+        """After a run: its server stops, unless this backend keeps it for a sweep."""
+        if not self.keep and self.current is not None:
+            server, self.current = self.current, None
+            self.servers.pop(server.spec, None)
+            server.stop()
 
     def close(self) -> None:
-        """After a sweep: the server and the kept loader processes end."""
-        self._stop_server()
+        """After a sweep: every server and the kept loader processes end."""
+        self.current = None
+        servers, self.servers = list(self.servers.values()), {}
+        for server in servers:
+            server.stop()
         if self.pool is not None:
             self.pool.close()
-
-    def _stop_server(self) -> None:
-        self.running = None
-        if self.user is not None:
-            user, self.user = self.user, None
-            user.stop()
-            return
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        os.kill(self.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.pid, signal.SIGKILL)
-            self.proc.wait()
