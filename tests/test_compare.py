@@ -96,8 +96,11 @@ def test_runs_are_kept_and_two_runs_compare(tiny_results: tuple[dict[str, object
 
 
 def test_control_a_design_against_its_identical_copy_is_inconclusive() -> None:
-    """A real compare of a design and its copy, three repeats at two concurrencies: the judging
-    tells them apart in nothing."""
+    """A real compare of a design and its copy, three repeats at two concurrencies, repeats
+    interleaved: the judging tells them apart in nothing. A fresh server for every run (no
+    keep), so the two sides are never one process and start-to-start differences count too.
+    Run design by design, a shared machine's drift between the two turns once passed for a
+    difference at c=2 (5,657 vs 8,011 req/s, each side's repeats tight)."""
     ((base, copy),) = sweep.CONTROLS
     matrix = sweep.Matrix(
         [base, copy],
@@ -108,6 +111,7 @@ def test_control_a_design_against_its_identical_copy_is_inconclusive() -> None:
         warmup=0.2,
     )
     results = sweep.compare(LocalBackend, matrix)
+    assert results["order"] == sweep.INTERLEAVED
     assert not [r for r in results["runs"] if "error" in r]
     cells = aggregate(results)
     assert all(c.runs == 3 and c.usable for c in cells)
@@ -117,6 +121,104 @@ def test_control_a_design_against_its_identical_copy_is_inconclusive() -> None:
     assert "nothing told apart in 2 comparisons" in control.evidence
     pool = cells_for(cells, copy, "connect-per-request")[8].pool
     assert pool is not None and pool.high == matrix.workers
+
+
+# --- the sweep's order -----------------------------------------------------------------------
+
+
+ORDER = sweep.Matrix(
+    ["a", "b", "c"], workloads=["connect-per-request", "persistent"], concurrency=[1, 8], repeats=3
+)
+
+
+def test_interleaved_sweep_is_repeat_major_with_the_designs_reversed_on_odd_repeats() -> None:
+    cells = sweep.sweep_order(ORDER, sweep.INTERLEAVED)
+    every = {(d, w, c, r) for d in "abc" for w in ORDER.workloads for c in (1, 8) for r in range(3)}
+    assert len(cells) == len(every) and set(cells) == every  # each cell once
+    repeats = [r for *_, r in cells]
+    assert repeats == sorted(repeats)  # every cell of repeat 1, then of repeat 2 …
+    # Within a repeat, cell by cell, each design in turn: A B C, then C B A, then A B C.
+    for repeat, names in ((0, "abc"), (1, "cba"), (2, "abc")):
+        this = [cell for cell in cells if cell[3] == repeat]
+        assert [d for d, *_ in this] == list(names) * 4
+        assert [(w, c) for _, w, c, _ in this[::3]] == [
+            (w, c) for w in ORDER.workloads for c in (1, 8)
+        ]
+
+
+def test_design_by_design_sweep_runs_each_designs_repeats_together() -> None:
+    cells = sweep.sweep_order(ORDER, sweep.BY_DESIGN)
+    assert set(cells) == set(sweep.sweep_order(ORDER, sweep.INTERLEAVED))
+    assert [d for d, *_ in cells] == [d for d in "abc" for _ in range(3 * 4)]
+    for design in "abc":
+        assert [r for d, *_, r in cells if d == design] == [r for r in range(3) for _ in range(4)]
+
+
+@pytest.mark.parametrize("many", [True, False])
+def test_compare_takes_its_order_from_the_backend(many: bool) -> None:
+    """A backend that holds many servers is swept interleaved, one that does not design by
+    design; the steps count through the same total either way (no server runs here)."""
+
+    class Refusing(LocalBackend):
+        holds_many_servers = many
+
+        def start(self, server: object) -> tuple[str, int]:  # type: ignore[override]
+            raise BenchError("the server did not answer in time: boom")
+
+    matrix = sweep.Matrix(
+        ["fork", "iterative"], workloads=["connect-per-request"], concurrency=[1, 2], repeats=2
+    )
+    steps: list[sweep.Step] = []
+    results = sweep.compare(Refusing, matrix, progress=steps.append)
+    order = sweep.INTERLEAVED if many else sweep.BY_DESIGN
+    assert results["order"] == order
+    ran = [(r["design"], r["workload"], r["concurrency"], r["repeat"]) for r in results["runs"]]
+    assert ran == sweep.sweep_order(matrix, order)
+    assert [s.done for s in steps] == list(range(8)) and {s.total for s in steps} == {8}
+    second = "iterative connect-per-request ×1" if many else "fork connect-per-request ×2"
+    assert steps[1].what == f"{second} (repeat 1)"
+
+
+def test_a_local_sweep_interleaves_its_repeats_and_starts_each_server_once() -> None:
+    """Repeat 1 of both designs, then repeat 2 (reversed), each server started once for the
+    whole sweep and measured in every one of its runs (its own statistics, one idle
+    measurement)."""
+    made: list[LocalBackend] = []
+
+    def make() -> LocalBackend:
+        made.append(LocalBackend(keep=True))
+        return made[-1]
+
+    matrix = sweep.Matrix(
+        ["multi-accept", "fork"],
+        workloads=["connect-per-request"],
+        concurrency=[2],
+        repeats=3,
+        duration=0.2,
+        warmup=0.1,
+    )
+    results = sweep.compare(make, matrix)
+    runs = results["runs"]
+    assert not [r for r in runs if "error" in r]
+    assert [(r["design"], r["repeat"]) for r in runs] == [
+        ("multi-accept", 0),
+        ("fork", 0),
+        ("fork", 1),
+        ("multi-accept", 1),
+        ("multi-accept", 2),
+        ("fork", 2),
+    ]
+    (backend,) = made
+    specs = [sweep.server_spec(name, matrix.workers) for name in matrix.designs]
+    assert backend.started == specs  # once each, in the order first needed
+    assert not backend.servers  # close() stopped them
+    for run in runs:
+        stats = run["server"]["stats"]
+        assert stats["design"] == run["design"]  # the statistics of the server measured
+        assert stats["completed"] >= run["load"]["requests"] > 0
+    for name in matrix.designs:  # the idle rate: measured once per server, then reused
+        rates = {r["server"]["idle_cpu_rate"] for r in runs if r["design"] == name}
+        assert len(rates) == 1, (name, rates)
 
 
 def test_progress_on_a_terminal_is_one_bar_with_cells_done_left_and_time_left() -> None:
@@ -271,14 +373,16 @@ def test_compare_command_writes_results_and_report_and_report_rerenders(tmp_path
     assert "no measured iterative run beyond the backlog" in claims[0].evidence
     assert "multi-accept did not run" in claims[3].evidence
     assert "lab compare --designs iterative,fork" in saved["command"]
+    assert saved["order"] == sweep.INTERLEAVED and "- order: **repeats interleaved**" in report
     assert "the report:" in result.output
-    # Not a terminal: one plain line per cell, as it starts, in order — the sweep's, then the
-    # full compare's experiments (no pool here: only the idle connections, 0 and 2 held).
+    # Not a terminal: one plain line per cell, as it starts, in order — the sweep's (cell by
+    # cell, each design in turn), then the full compare's experiments (no pool here: only the
+    # idle connections, 0 and 2 held).
     steps = [
         *(
             f"{d} {w} ×2 (repeat 1)"
-            for d in ("iterative", "fork")
             for w in ("connect-per-request", "persistent")
+            for d in ("iterative", "fork")
         ),
         *(
             f"{d} with {n} idle connection(s) (repeat 1)"

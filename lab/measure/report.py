@@ -883,6 +883,28 @@ def _variant_lines(designs: Sequence[str]) -> list[str]:
     return ["Variants:", "", *found, ""] if found else []
 
 
+def _order_text(results: Mapping[str, Any]) -> str:
+    """How the sweep ordered its repeats, and what that means for the verdicts (a run from
+    before results kept ``order`` ran design by design)."""
+    from lab.measure.compare import BY_DESIGN, INTERLEAVED
+
+    order = results.get("order", BY_DESIGN)
+    if order == INTERLEAVED:
+        return (
+            "**repeats interleaved** (repeat 1 of every design, then repeat 2 …, every server "
+            "started once): a machine that drifted during the run widens each cell's spread "
+            "rather than passing for a difference between designs"
+        )
+    if order == BY_DESIGN:
+        return (
+            "**design by design**, each design's repeats one after another (one server at a "
+            "time): a verdict rests on consecutive repeats, so drift of the machine between "
+            "one design's turn and the next does not show in the spreads; the control claim "
+            "shows whether it fooled the judging"
+        )
+    return str(order)
+
+
 def render(results: Mapping[str, Any], out_dir: Path) -> Path:
     """Write ``report.md`` and its PNG plots into ``out_dir``; the report's path."""
     from lab.measure.claims import evaluate
@@ -906,6 +928,7 @@ def render(results: Mapping[str, Any], out_dir: Path) -> Path:
         f"- backend: **{backend_text}**",
         f"- mode: **{mode}** ({matrix.get('repeats', '?')} repeat(s) of "
         f"{matrix.get('duration', '?')} s after a {matrix.get('warmup', '?')} s warm-up)",
+        f"- order: {_order_text(results)}",
         f"- created: {results.get('created', '?')}",
         "",
         "Numbers are medians over repeats with their spread (min–max) in parentheses. A request "
