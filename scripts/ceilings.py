@@ -69,10 +69,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=float, default=3.0)
+    parser.add_argument(
+        "--only",
+        default="",
+        help="comma-separated rows to run (their references are added): e.g. iterative,sendmsg",
+    )
     args = parser.parse_args()
+    rows = ROWS
+    if args.only:
+        wanted = set(args.only.split(","))
+        unknown = wanted - {row for row, *_ in ROWS}
+        if unknown:
+            parser.error(f"unknown row(s): {', '.join(sorted(unknown))}")
+        wanted |= {ref for row, _s, _o, ref in ROWS if row in wanted and ref}
+        rows = [entry for entry in ROWS if entry[0] in wanted]
     figures: dict[tuple[str, str], list[float]] = {}
     for _ in range(args.rounds):
-        for row, server, options, _ref in ROWS:
+        for row, server, options, _ref in rows:
             for workload in ("connect-per-request", "persistent"):
                 if workload == "persistent" and server in ("fork", "peer-forking", "peer-c-fork"):
                     continue  # one process per connection: per message is the echo loop's
@@ -80,7 +93,7 @@ def main() -> None:
                 figures.setdefault((row, workload), []).append(us)
     med = {key: statistics.median(values) for key, values in figures.items()}
     print(f"{'server':<16} {'µs/connection':>14} {'×ref':>6} {'µs/message':>11} {'×ref':>6}  ref")
-    for row, _server, _options, ref in ROWS:
+    for row, _server, _options, ref in rows:
         conn = med[(row, "connect-per-request")]
         msg = med.get((row, "persistent"))
         r_conn = f"{conn / med[(ref, 'connect-per-request')]:.2f}" if ref else "1.00"

@@ -47,60 +47,63 @@ def outcome_of(exc: BaseException | None) -> str:
     return stats.ERROR
 
 
-def echo(fd: int, serving: Serving) -> tuple[str, int, int]:
-    """Serve one connection; returns (outcome, bytes_in, bytes_out). Never raises OSError."""
+def echo(fd: int, serving: Serving) -> str:
+    """Serve one connection and count how it ended in ``serving.slot``; returns the outcome.
+    Never raises OSError.
+
+    The caller counts the connection as taken (``accepted``/``received``) and closes it — the
+    designs differ there. The end is counted here, three stores to shared memory, so a design
+    pays no second call and no tuple per connection for it."""
     readv, write = os.readv, os.write
     buffers, view = serving.buffers, serving.view
     tracing = serving.tracing
-    log = serving.log
     bytes_in = bytes_out = last = 0
     out = view  # replaced by view[:n] at the first message (n > 0 differs from last = 0)
-    serving.current = fd
     if serving.cut:  # the grace period ran out between accept() and here
-        serving.current = -1
-        return stats.STOPPED, 0, 0
-    try:
-        while True:
-            n = readv(fd, buffers)
-            if not n:
-                break
-            bytes_in += n
-            if n != last:
-                out, last = view[:n], n
-            if tracing:
-                log.trace(f"The message from client: {printable(bytes(out))}")
-            sent = write(fd, out)
-            if sent != n:
-                sent += _write_rest(fd, view, sent, n)
-            bytes_out += sent
-            if tracing:
-                log.trace("send() is OK")
-    except BlockingIOError:  # SO_RCVTIMEO/SO_SNDTIMEO: no progress for --idle-timeout
-        outcome = stats.STOPPED if serving.cut else stats.IDLE_TIMEOUT
+        outcome = stats.STOPPED
+    else:
+        serving.current = fd
+        try:
+            while True:
+                n = readv(fd, buffers)
+                if not n:
+                    break
+                bytes_in += n
+                if n != last:
+                    out, last = view[:n], n
+                if tracing:
+                    serving.log.trace(f"The message from client: {printable(bytes(out))}")
+                sent = write(fd, out)
+                if sent != n:
+                    sent += _write_rest(fd, view, sent, n)
+                bytes_out += sent
+                if tracing:
+                    serving.log.trace("send() is OK")
+            # The client closed its side — unless the grace period's shutdown() ended it.
+            outcome = stats.STOPPED if serving.cut else stats.COMPLETED
+        except BlockingIOError:  # SO_RCVTIMEO/SO_SNDTIMEO: no progress for --idle-timeout
+            outcome = stats.STOPPED if serving.cut else stats.IDLE_TIMEOUT
+        except OSError as exc:
+            outcome = stats.STOPPED if serving.cut else outcome_of(exc)
+            if tracing and outcome == stats.ERROR:
+                serving.log.trace(f"socket error: {exc}")
+        finally:
+            serving.current = -1
         if tracing:
-            log.trace(f"closing the connection: {outcome}")
-        return outcome, bytes_in, bytes_out
-    except (ConnectionResetError, BrokenPipeError, ConnectionAbortedError):
-        if serving.cut:
-            return stats.STOPPED, bytes_in, bytes_out
-        if tracing:
-            log.trace("the client reset the connection")
-        return stats.RESET, bytes_in, bytes_out
-    except OSError as exc:
-        if exc.errno in PEER_GONE:
-            return stats.RESET, bytes_in, bytes_out
-        if tracing:
-            log.trace(f"socket error: {exc}")
-        return stats.ERROR, bytes_in, bytes_out
-    finally:
-        serving.current = -1
-    if serving.cut:  # the grace period's shutdown() ended it, not the client
-        if tracing:
-            log.trace(f"closing the connection: {stats.STOPPED}")
-        return stats.STOPPED, bytes_in, bytes_out
-    if tracing:
-        log.trace("the client closed the connection")
-    return stats.COMPLETED, bytes_in, bytes_out
+            serving.log.trace(_TRACED.get(outcome, f"closing the connection: {outcome}"))
+    slot = serving.slot
+    cells, base = slot.cells, slot.base
+    cells[base + _FIELD[outcome]] += 1
+    cells[base + stats.BYTES_IN] += bytes_in
+    cells[base + stats.BYTES_OUT] += bytes_out
+    return outcome
+
+
+_FIELD = stats.OUTCOME_FIELD
+_TRACED = {
+    stats.COMPLETED: "the client closed the connection",
+    stats.RESET: "the client reset the connection",
+}
 
 
 def _write_rest(fd: int, view: memoryview, sent: int, n: int) -> int:

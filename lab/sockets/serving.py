@@ -41,13 +41,10 @@ from collections.abc import Callable, Iterable
 from lab.sockets import signals
 from lab.sockets.config import ServerConfig
 from lab.sockets.log import Log
+from lab.sockets.signals import Interrupted
 from lab.sockets.stats import Slot
 
 BUFFER_SIZE = 64 * 1024  # per process, fixed: the most one recv() takes and one send() owes
-
-
-class Interrupted(Exception):
-    """Raised by the signal handler, only inside a wait marked interruptible."""
 
 
 def set_timeouts(sock: socket.socket, seconds: float | None) -> None:

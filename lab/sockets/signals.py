@@ -49,6 +49,11 @@ PRIORITY: dict[int, int] = {
 _owner: Callable[[int], None] | None = None
 
 
+class Interrupted(Exception):
+    """Raised by a signal handler, only inside a wait marked interruptible: it aborts a
+    blocking call that PEP 475 would otherwise retry after the handler."""
+
+
 def _dispatch(signum: int, frame: FrameType | None) -> None:
     if _owner is not None:
         _owner(signum)
@@ -76,14 +81,31 @@ class SignalQueue:
         signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
         self.signums = tuple(signums)
         self._pending: list[int] = []
+        # Set by a loop that waits in a blocking call instead of poll() (lab.sockets.blocking):
+        # then the handler also raises Interrupted, to end that wait.
+        self.interruptible = False
         install(self.signums, self.record)
 
     def record(self, signum: int) -> None:
         if signum not in self._pending:
             self._pending.append(signum)
+        if self.interruptible:
+            self.interruptible = False
+            raise Interrupted
+
+    @property
+    def recorded_list(self) -> list[int]:
+        """The list the handler appends to (the same object for the queue's life): a loop may
+        test it for emptiness with no call."""
+        return self._pending
 
     def fileno(self) -> int:
         return self._read
+
+    def recorded(self) -> bool:
+        """Whether a signal was recorded and not yet taken (no system call): for a loop whose
+        wake-up byte may have gone to another pipe (uvloop's, before the lab's took it back)."""
+        return bool(self._pending)
 
     def fds(self) -> tuple[int, int]:
         """Both ends of the pipe (the descriptors the server holds, for fork's close_range)."""
@@ -97,8 +119,9 @@ class SignalQueue:
                     break  # a short read emptied it: no second read to hear EAGAIN
             except BlockingIOError:
                 break
-        received, self._pending = self._pending, []
-        return sorted(received, key=lambda s: PRIORITY.get(s, 3))
+        received = sorted(self._pending, key=lambda s: PRIORITY.get(s, 3))
+        self._pending.clear()
+        return received
 
 
 def detach_after_fork() -> None:

@@ -104,8 +104,7 @@ class ForkServer(ChildProcesses):
         def child() -> int:
             serving.slot = slot
             serving.own_signals()  # SIGTERM: finish within --grace; SIGALRM: cut
-            outcome, bytes_in, bytes_out = echo(fd, serving)
-            slot.ended(outcome, bytes_in, bytes_out)
+            echo(fd, serving)
             return process.EXIT_OK
 
         try:

@@ -100,42 +100,72 @@ class IterativeServer(Server):
             self.stats.health_probes += 1
 
     def run(self) -> None:
-        serving, accept = self.serving, self.acceptor.accept
+        # The loop a connection costs, kept flat: the raw accept() and the echo, each one call;
+        # the Acceptor's errno policy and the wait for the next connection only off that path.
+        serving, acceptor = self.serving, self.acceptor
+        accept = self.listener._accept  # type: ignore[attr-defined]
+        accepted, close = self.slot.accepted, os.close
+        tracing = self.log.tracing
         limit = self.config.connections
         poller = select.poll()
         poller.register(self.listener, select.POLLIN)
         signal_fd = self.signal_queue.fileno()
         poller.register(signal_fd, select.POLLIN)
-        served = shed = 0
+        served = 0
         while not serving.stopping:
-            fd = accept()
-            if fd is None:
-                if self.acceptor.shed != shed:
-                    self.slot.accepted_and_shed(self.acceptor.shed - shed)
-                    shed = self.acceptor.shed
-                now = time.monotonic()
-                timeout = self.acceptor.paused_until - now if self.acceptor.paused(now) else None
-                if timeout is not None:
-                    poller.unregister(self.listener)
-                for ready, _ in poller.poll(None if timeout is None else timeout * 1000):
-                    if ready == signal_fd:
-                        self.signal_queue.pending()  # the handler acted already; empty the pipe
-                if timeout is not None:
-                    poller.register(self.listener, select.POLLIN)
+            try:
+                fd = accept()[0]
+            except (BlockingIOError, InterruptedError):
+                self.wait_for_connection(poller, signal_fd)
                 continue
-            self.serve(fd)
-            served += 1
-            if limit and served >= limit:
-                self.log.trace(f"served {limit} connection(s): stopping")
-                break
+            except OSError as exc:
+                fd = self.accept_failed(exc, poller, signal_fd)
+                if fd is None:
+                    continue
+            else:
+                if acceptor.backoff:
+                    acceptor._recovered()
+                if tracing:
+                    self.log.trace("accept() is OK")
+            accepted()
+            echo(fd, serving)
+            close(fd)
+            if limit:
+                served += 1
+                if served >= limit:
+                    self.log.trace(f"served {limit} connection(s): stopping")
+                    break
         else:
             self.close_the_door()
-            while not serving.cut and (fd := accept()) is not None:
+            while not serving.cut and (fd := acceptor.accept()) is not None:
                 self.serve(fd)
         self.listener.close()
 
+    def wait_for_connection(self, poller: select.poll, signal_fd: int) -> None:
+        """The queue is empty: poll() the listener and the signal pipe (a SIGTERM between
+        connections ends the wait), or only the pipe while backing off."""
+        now = time.monotonic()
+        timeout = self.acceptor.paused_until - now if self.acceptor.paused(now) else None
+        if timeout is not None:
+            poller.unregister(self.listener)
+        for ready, _ in poller.poll(None if timeout is None else timeout * 1000):
+            if ready == signal_fd:
+                self.signal_queue.pending()  # the handler acted already; empty the pipe
+        if timeout is not None:
+            poller.register(self.listener, select.POLLIN)
+
+    def accept_failed(self, exc: OSError, poller: select.poll, signal_fd: int) -> int | None:
+        """The Acceptor's policy for a failed accept(): a connection taken instead, or None —
+        shed, or backing off: then the back-off is waited out here, before the next accept()."""
+        shed = self.acceptor.shed
+        fd = self.acceptor._failed(exc)
+        if self.acceptor.shed != shed:
+            self.slot.accepted_and_shed(self.acceptor.shed - shed)
+        if fd is None and self.acceptor.paused(time.monotonic()):
+            self.wait_for_connection(poller, signal_fd)
+        return fd
+
     def serve(self, fd: int) -> None:
         self.slot.accepted()
-        outcome, bytes_in, bytes_out = echo(fd, self.serving)
+        echo(fd, self.serving)
         os.close(fd)
-        self.slot.ended(outcome, bytes_in, bytes_out)

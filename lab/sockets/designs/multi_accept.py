@@ -64,7 +64,8 @@ from lab.sockets.config import ConfigError, ServerConfig
 from lab.sockets.echo import echo
 from lab.sockets.log import Log
 from lab.sockets.pool import PoolServer
-from lab.sockets.serving import Interrupted, Serving, adopt_lost, lowest_free_fd
+from lab.sockets.serving import Serving, adopt_lost, lowest_free_fd
+from lab.sockets.signals import Interrupted
 from lab.sockets.stats import Slot
 
 TYPE_CHECKING = False  # typing is not imported at run time (see lab.sockets.base)
@@ -72,6 +73,7 @@ if TYPE_CHECKING:
     from typing import ClassVar
 
 _LOST = -2  # _wait(): the handler raised just as accept() returned
+_STOP, _FAILED = -3, -4  # accept_and_serve(): stopping; accept() raised
 
 
 class WorkersAcceptPool(PoolServer):
@@ -331,6 +333,8 @@ class AcceptWorker:
         else:
             serving.own_signals()
         self.expected_fd = lowest_free_fd()
+        if self.lock is None:
+            self.accept_and_serve()
         while not serving.stopping:
             fd = self.next_connection(check_stop=True)
             if fd is not None:
@@ -347,6 +351,48 @@ class AcceptWorker:
                 break
             self.serve(fd)
         return process.EXIT_OK
+
+    def accept_and_serve(self) -> None:
+        """The loop a connection costs without a lock, flat: what :meth:`next_connection` and
+        :meth:`serve` do, minus three calls and a try per connection. Returns when stopping.
+
+        Between ``interruptible = True`` and ``False`` the stop handler may raise; the except
+        clauses only store (no call, no backward jump: CPython runs a handler at neither), so
+        it cannot raise again inside them."""
+        serving, accept, close = self.serving, self.accept_raw, os.close
+        accepted, acceptor = self.slot.accepted, self.acceptor
+        tracing = serving.tracing
+        failure: OSError | None = None
+        while True:
+            serving.interruptible = True
+            try:
+                fd = _STOP if serving.stopping else accept()[0]
+            except Interrupted:
+                fd = _LOST
+            except OSError as exc:  # BlockingIOError too: SO_RCVTIMEO, nothing for a while
+                fd, failure = _FAILED, exc
+            finally:
+                serving.interruptible = False
+            if fd < 0:
+                if fd == _STOP:
+                    return
+                if fd == _LOST:
+                    if not adopt_lost(self.expected_fd):
+                        return
+                    fd = self.expected_fd
+                else:
+                    if failure is None or isinstance(failure, BlockingIOError):
+                        continue
+                    fd = self.accept_failed(failure)
+                    if fd is None:
+                        continue
+            elif acceptor.backoff:
+                acceptor._recovered()
+            if tracing:
+                self.log.trace("accept() is OK")
+            accepted()
+            echo(fd, serving)
+            close(fd)
 
     def on_signal(self, signum: int) -> None:
         """reuseport: the first SIGTERM shrinks this worker's own backlog at once (while the
@@ -365,13 +411,7 @@ class AcceptWorker:
         except BlockingIOError:
             return None  # SO_RCVTIMEO: no connection for --idle-timeout seconds
         except OSError as exc:
-            shed = self.acceptor.shed
-            fd = self.acceptor._failed(exc)
-            if self.acceptor.shed != shed:
-                self.slot.accepted_and_shed(self.acceptor.shed - shed)
-            if self.acceptor.paused(time.monotonic()):
-                time.sleep(max(0.0, self.acceptor.paused_until - time.monotonic()))
-            return fd
+            return self.accept_failed(exc)
         if fd == _LOST:
             return self.expected_fd if adopt_lost(self.expected_fd) else None
         if fd is not None:
@@ -379,6 +419,17 @@ class AcceptWorker:
                 self.acceptor._recovered()
             if self.serving.tracing:
                 self.log.trace("accept() is OK")
+        return fd
+
+    def accept_failed(self, exc: OSError) -> int | None:
+        """The Acceptor's policy for a failed accept() (shed with the spare, back off): a
+        connection it took instead, or None after waiting out any back-off."""
+        shed = self.acceptor.shed
+        fd = self.acceptor._failed(exc)
+        if self.acceptor.shed != shed:
+            self.slot.accepted_and_shed(self.acceptor.shed - shed)
+        if self.acceptor.paused(time.monotonic()):
+            time.sleep(max(0.0, self.acceptor.paused_until - time.monotonic()))
         return fd
 
     def _wait(self, check_stop: bool) -> int | None:
@@ -406,6 +457,5 @@ class AcceptWorker:
     def serve(self, fd: int) -> None:
         slot = self.slot
         slot.accepted()
-        outcome, bytes_in, bytes_out = echo(fd, self.serving)
+        echo(fd, self.serving)
         os.close(fd)
-        slot.ended(outcome, bytes_in, bytes_out)

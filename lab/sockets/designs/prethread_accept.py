@@ -137,10 +137,9 @@ class PrethreadAcceptServer(ThreadServer):
             if tracing:
                 state.log.trace("accept() is OK")
             slot.accepted()
-            outcome, bytes_in, bytes_out = echo(fd, state)
+            echo(fd, state)
             os.close(fd)
             state.held = -1
-            slot.ended(outcome, bytes_in, bytes_out)
 
     def accept_failed(self, exc: OSError, state: ThreadServing) -> None:
         """The Acceptor's errno policy (shed with the spare, back off; raise what is not a
@@ -154,10 +153,9 @@ class PrethreadAcceptServer(ThreadServer):
         if fd is not None:
             state.held = fd
             state.slot.accepted()
-            outcome, bytes_in, bytes_out = echo(fd, state)
+            echo(fd, state)
             os.close(fd)
             state.held = -1
-            state.slot.ended(outcome, bytes_in, bytes_out)
         elif pause > 0:
             time.sleep(pause)
 

@@ -1,7 +1,9 @@
 """sendmsg — the server accepts; pre-started workers receive each connection as a descriptor.
 
 The server makes an AF_UNIX socketpair (no filesystem path: only processes that inherit an end
-can use it), forks the workers, then loops accept() → sendmsg() → close(). The descriptor rides
+can use it), forks the workers, then loops accept() → sendmsg() → close(), waiting for the next
+connection blocked in accept() rather than in poll() (:mod:`lab.sockets.blocking`: one system
+call per connection less, and no EAGAIN when the queue runs dry). The descriptor rides
 in an ``SCM_RIGHTS`` control message: the kernel installs a new descriptor for the same open
 connection in whichever worker receives the message with recvmsg(). While the message waits in
 the socket's queue, the kernel holds the connection open for it — so the server may close its
@@ -45,6 +47,7 @@ import termios
 import time
 
 from lab.sockets import process
+from lab.sockets.blocking import BlockingAccept
 from lab.sockets.config import ConfigError, ServerConfig
 from lab.sockets.echo import echo
 from lab.sockets.log import Log
@@ -62,6 +65,7 @@ RETIRING = 2  # a slot's STATE: an extra worker leaving after --worker-idle idle
 _FD = struct.Struct("i")  # one descriptor in an SCM_RIGHTS control message (a C int)
 _FD_SPACE = socket.CMSG_SPACE(_FD.size)
 _MESSAGE = [CONNECTION]  # sendmsg()'s buffers, the same list every time
+_SOL, _RIGHTS = socket.SOL_SOCKET, socket.SCM_RIGHTS
 
 
 def unsent_bytes(sock: socket.socket) -> int:
@@ -72,18 +76,17 @@ def unsent_bytes(sock: socket.socket) -> int:
         return -1
 
 
-class SendmsgServer(PoolServer):
+class SendmsgServer(BlockingAccept, PoolServer):
     name = "sendmsg"
     summary = "the server accepts and passes each descriptor (SCM_RIGHTS) to recvmsg() workers"
     origin = "the chapter's sendmsg()/recvmsg() server; Stevens UNP ch. 30 server 5"
     model = "a pool of processes fed descriptors"
     grows = True
-    # Per connection with one message (tests/test_syscall_budget.py). Parent: accept4 (+ one
-    # EAGAIN and a poll when the queue is empty), sendmsg, close. Worker: recvmsg, the message's
-    # readv and write, the EOF readv, close.
+    # Per connection with one message (tests/test_syscall_budget.py). Parent: accept4 (blocked
+    # in it: no poll, no EAGAIN), sendmsg, close. Worker: recvmsg, the message's readv and
+    # write, the EOF readv, close.
     syscalls_per_connection: ClassVar[dict[str, int]] = {
-        "accept4": 2,
-        "poll": 1,
+        "accept4": 1,
         "sendmsg": 1,
         "close": 2,
         "recvmsg": 1,
@@ -100,6 +103,8 @@ class SendmsgServer(PoolServer):
         self.received_gone = 0  # descriptors received by workers that have since ended
         self.held: int | None = None  # a connection waiting for room in the queue
         self.next_extra = False  # whether the worker being forked is above --workers
+        self.may_grow = self.config.pool_max > self.config.pool_size
+        self.counted = bool(self.config.connections)  # --connections: the general path counts
         self.too_many_refs = False  # inside an ETOOMANYREFS episode
         super().start()
 
@@ -172,6 +177,26 @@ class SendmsgServer(PoolServer):
     def accepting(self) -> bool:
         return self.held is None
 
+    def hand_off(self, fd: int) -> bool:
+        """accept → sendmsg → close, flat: the general path (handle → process_request →
+        pass_descriptor → close_request, then accepting()) is five calls more per connection.
+        Anything but a plain hand-off — queue full, ETOOMANYREFS, a --connections limit —
+        takes it."""
+        if self.counted:
+            return super().hand_off(fd)
+        try:
+            self.channel.sendmsg(_MESSAGE, [(_SOL, _RIGHTS, _FD.pack(fd))])
+        except OSError:
+            return super().hand_off(fd)  # it tries once more, then holds, sheds or says why
+        os.close(fd)
+        self.stats.accepted += 1
+        self.sent += 1
+        if self.tracing:
+            self.log.trace("sendmsg() is OK: descriptor queued for the workers")
+        if self.may_grow:
+            self.grow_if_needed()
+        return True
+
     def process_request(self, fd: int) -> None:
         if self.pass_descriptor(fd):
             return
@@ -192,7 +217,7 @@ class SendmsgServer(PoolServer):
         """Whether the connection was dealt with (queued, or shed for good reason); False: the
         queue is full, try again when it has room."""
         try:
-            self.channel.sendmsg(_MESSAGE, [(socket.SOL_SOCKET, socket.SCM_RIGHTS, _FD.pack(fd))])
+            self.channel.sendmsg(_MESSAGE, [(_SOL, _RIGHTS, _FD.pack(fd))])
         except (BlockingIOError, InterruptedError):
             return False
         except OSError as exc:
@@ -296,8 +321,11 @@ class DescriptorWorker:
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, signal.SIG_IGN)  # see the module docstring
         self.serving.own_signals()
-        slot, recvmsg = self.slot, self.channel.recvmsg
-        tracing = self.serving.tracing
+        # Per connection, flat: the counts are stores to this worker's slot (no method call),
+        # and the one control message with one descriptor is unpacked in place.
+        slot, recvmsg, serving, close = self.slot, self.channel.recvmsg, self.serving, os.close
+        cells, received, state = slot.cells, slot.base + RECEIVED, slot.base + STATE
+        tracing = serving.tracing
         while True:
             try:
                 message, ancillary, _flags, _ = recvmsg(16, _FD_SPACE)
@@ -310,18 +338,24 @@ class DescriptorWorker:
                 continue
             if message == STOP:
                 return process.EXIT_OK
-            slot.received()
-            fd = _descriptor(ancillary)
+            cells[received] += 1
+            try:
+                # The usual: one control message — SCM_RIGHTS, the only kind on this private
+                # pair (no SO_PASSCRED), with one descriptor.
+                ((_level, _kind, data),) = ancillary
+            except ValueError:
+                fd = _descriptor(ancillary)
+            else:
+                fd = _FD.unpack(data)[0] if len(data) == _FD.size else _descriptor(ancillary)
             if fd is None:  # MSG_CTRUNC: we had no descriptor free to receive it into
                 slot.shed()
                 continue
             if tracing:
                 self.log.trace("recvmsg() is OK: got a connection")
-            slot.set_state(BUSY)
-            outcome, bytes_in, bytes_out = echo(fd, self.serving)
-            os.close(fd)
-            slot.ended(outcome, bytes_in, bytes_out)
-            slot.set_state(IDLE)
+            cells[state] = BUSY
+            echo(fd, serving)
+            close(fd)
+            cells[state] = IDLE
 
 
 def _descriptor(ancillary: list[tuple[int, int, bytes]]) -> int | None:

@@ -113,10 +113,9 @@ class ThreadPerConnectionServer(ThreadServer):
         slot.received()  # what its death would cost
         if state.tracing:
             state.log.trace(f"thread {state.tid} serves the connection")
-        outcome, bytes_in, bytes_out = echo(fd, state)
+        echo(fd, state)
         os.close(fd)
         state.held = -1
-        slot.ended(outcome, bytes_in, bytes_out)
 
     def thread_ended(self, state: ThreadServing) -> None:
         if state.crash is not None:

@@ -114,10 +114,9 @@ class ThreadPoolServer(ThreadServer):
                 self.wake.wake()
             if tracing:
                 state.log.trace("got a connection from the queue")
-            outcome, bytes_in, bytes_out = echo(fd, state)
+            echo(fd, state)
             os.close(fd)
             state.held = -1
-            slot.ended(outcome, bytes_in, bytes_out)
 
     # -- stopping ---------------------------------------------------------------------------
     def stop_threads(self) -> None:
