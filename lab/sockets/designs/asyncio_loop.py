@@ -41,7 +41,8 @@ as ``create_server`` makes too.
 **Signals** come through the server's own wake-up pipe, a reader of the loop (never
 ``loop.add_signal_handler``, which would take the wake-up fd for the loop's self-pipe). uvloop
 points the wake-up fd at its own self-pipe when it starts running; the first callback points it
-back. **The idle timeout** is the coarse wheel of :mod:`lab.sockets.eventloop`, ticked by a
+back, and takes a signal that came before it (its byte went to uvloop's pipe). **The idle
+timeout** is the coarse wheel of :mod:`lab.sockets.eventloop`, ticked by a
 ``call_later`` every ``--idle-timeout``/4 s (at most 1 s) while connections are open: per
 message a protocol stores a tick number, nothing more. (Both loops read the clock once per
 iteration anyway: asyncio's ``_run_once`` does, libuv's ``uv_update_time`` does.)
@@ -247,6 +248,10 @@ class AsyncioServer(Server):
         """uvloop took the wake-up fd for its own self-pipe as it started: ours again, so a
         signal's byte lands in the pipe this loop reads (a no-op with asyncio's loop)."""
         signal.set_wakeup_fd(self.signal_queue.fds()[1], warn_on_full_buffer=False)
+        # A signal that came before this callback wrote its byte into uvloop's pipe, and uvloop
+        # ran our handler (it records): nothing will wake our reader for it, so take it now.
+        if self.signal_queue.recorded():
+            self.signals_ready()
 
     def _listen(self, on: bool) -> None:
         if on != self.listening and self.listener.fileno() != -1:
