@@ -167,3 +167,15 @@ def test_help_lists_options_and_their_environment_variables(runner: str) -> None
     assert result.stderr == ""
     for text in ("--design", "LAB_DESIGN", "--port", "LAB_PORT", "--grace", "LAB_GRACE"):
         assert text in result.stdout
+
+
+@pytest.mark.parametrize("design", ALL_DESIGNS)
+def test_an_accept_lock_the_design_does_not_declare_is_refused_exit_2(design: str) -> None:
+    """No design ignores --accept-lock: a value it does not declare is a one-line error."""
+    from lab.sockets.designs import DESIGNS
+
+    taken = DESIGNS[design].accept_locks
+    foreign = next(lock for lock in ("flock", "mutex", "sem") if lock not in taken)
+    result = run("python-m", *LOOPBACK, "--design", design, "--accept-lock", foreign)
+    line = assert_one_error_line(result, EXIT_USAGE, f"--accept-lock {foreign}", design)
+    assert "none" in line

@@ -110,7 +110,7 @@ def test_each_design_keeps_its_system_call_budget(
 LOCK_VARIANTS = [
     (design, lock)
     for design in ALL_DESIGNS
-    for lock in getattr(DESIGNS[design], "accept_locks", {})
+    for lock in DESIGNS[design].accept_locks
     if lock != "none"
 ]
 
@@ -123,7 +123,7 @@ def test_an_accept_lock_adds_only_its_declared_calls(
 ) -> None:
     args = ["--workers", "2", "--max-workers", "2"] if design in POOL_DESIGNS else []
     server = start_server(design, "--accept-lock", lock, *args)
-    lock_calls: dict[str, int] = getattr(DESIGNS[design], "accept_locks", {})[lock]
+    lock_calls = DESIGNS[design].accept_locks[lock]
     within_budget(server, design, tmp_path, lock_calls)
 
 

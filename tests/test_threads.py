@@ -276,7 +276,7 @@ def test_accept_lock_between_processes_is_refused_by_prethread_accept() -> None:
     assert result.returncode == 2
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("lab serve: error:"), result.stderr
-    assert "--accept-lock flock" in lines[0] and "none or mutex" in lines[0]
+    assert "--accept-lock flock" in lines[0] and "none or mutex" in lines[0], lines
     assert result.stdout == ""
 
 

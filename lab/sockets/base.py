@@ -109,12 +109,28 @@ class Server:
     # name, for every process and thread of the server together ("total": a bound on the sum).
     syscalls_per_message: ClassVar[dict[str, int]] = MESSAGE_BUDGET
     syscalls_per_connection: ClassVar[dict[str, int]] = {}
+    # --accept-lock values this design takes → the system calls the lock adds per connection
+    # (the budget test holds each variant to the design's budget plus these); any other value
+    # is refused.
+    accept_locks: ClassVar[dict[str, dict[str, int]]] = {"none": {}}
+    # Whether --worker-cmd (a program that serves each connection) applies.
+    takes_worker_cmd: ClassVar[bool] = False
 
     @classmethod
     def check_config(cls, config: ServerConfig) -> None:
         """Reject options this design cannot honour (raise ConfigError)."""
-        if config.worker_cmd is not None:
+        if config.worker_cmd is not None and not cls.takes_worker_cmd:
             raise ConfigError(f"--worker-cmd applies only to --design spawn, not {cls.name}")
+        if config.accept_lock not in cls.accept_locks:
+            if len(cls.accept_locks) == 1:
+                raise ConfigError(
+                    f"--accept-lock {config.accept_lock} does not apply to {cls.name} (no lock "
+                    "around its accept()): leave it at none (`lab designs` says which take one)"
+                )
+            raise ConfigError(
+                f"--accept-lock {config.accept_lock} does not apply to {cls.name}: use "
+                + " or ".join(cls.accept_locks)
+            )
 
     def __init__(self, config: ServerConfig, log: Log | None = None) -> None:
         self.config = config

@@ -31,9 +31,10 @@ It stays in ``accept()``, connection after connection, until something needs the
   (:func:`~lab.sockets.serving.adopt_lost`).
 
 What it costs: in the steady state nothing beyond ``accept()`` — the watchman sleeps in
-``poll()`` and never takes the GIL; entering and leaving the wait costs two ``fcntl()`` each
-(the listening socket is blocking only inside it) and happens only after a signal, a probe or
-a timer.
+``poll()`` and never takes the GIL. Entering the wait costs an ``ioctl(FIONBIO)`` (the
+listening socket is blocking only inside it) and an ``open``/``close`` of ``/dev/null`` (to
+learn the lowest free descriptor number), leaving it another ``ioctl`` (and an ``fstat`` after
+an interruption); that happens only after a signal, a probe or a timer.
 """
 
 from __future__ import annotations

@@ -83,9 +83,6 @@ class WorkersAcceptPool(PoolServer):
 
     # The workers call accept(), not the parent (the tests set descriptor limits on them).
     workers_accept: ClassVar[bool] = True
-    # --accept-lock values this design takes → the system calls the lock adds per connection
-    # (tests/test_syscall_budget.py holds each variant to its design's budget plus these).
-    accept_locks: ClassVar[dict[str, dict[str, int]]] = {"none": {}}
     # Workers keep their own --grace deadline from when they got SIGTERM; the parent waits a
     # moment longer, so a worker closes what it holds and exits by itself before any SIGKILL.
     WORKER_SLACK = 1.0
@@ -100,16 +97,6 @@ class WorkersAcceptPool(PoolServer):
             raise ConfigError(
                 f"--connections does not apply to {cls.name} (its workers accept on their "
                 "own): stop it with SIGTERM, or use another design"
-            )
-        if config.accept_lock not in cls.accept_locks:
-            if len(cls.accept_locks) == 1:
-                raise ConfigError(
-                    f"--accept-lock {config.accept_lock} does not apply to {cls.name}: leave "
-                    "it at none (multi-accept takes flock or sem)"
-                )
-            raise ConfigError(
-                f"--accept-lock {config.accept_lock!r}: choose one of "
-                f"{', '.join(cls.accept_locks)} for {cls.name}"
             )
 
     def counter_slots(self) -> int:

@@ -56,6 +56,7 @@ def compiled_worker() -> str:
 
 class SpawnServer(ChildProcesses):
     name = "spawn"
+    takes_worker_cmd = True
     summary = "posix_spawn() a worker program per connection, the socket as its stdin/stdout"
     origin = "the chapter's spawn() server (inetd style)"
     family = "fork"
@@ -71,6 +72,7 @@ class SpawnServer(ChildProcesses):
 
     @classmethod
     def check_config(cls, config: ServerConfig) -> None:
+        super().check_config(config)
         config.worker_argv()  # raises when the program is not on PATH
 
     def start(self) -> None:
