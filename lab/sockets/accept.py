@@ -87,6 +87,14 @@ class Acceptor:
             self.log.trace("accept() is OK")
         return int(fd)
 
+    def after_failure(self, exc: OSError) -> tuple[int | None, int]:
+        """The policy for a failed accept() (:meth:`_failed`): a connection taken instead (or
+        None), and how many connections it shed on the way (the caller counts them as
+        accepted and shed)."""
+        shed = self.shed
+        fd = self._failed(exc)
+        return fd, self.shed - shed
+
     def _failed(self, exc: OSError) -> int | None:
         for _ in range(SKIP_AT_MOST):
             if exc.errno in RESOURCE_ERRNOS:

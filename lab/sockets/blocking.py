@@ -174,11 +174,9 @@ class BlockingAccept(Server):
     def accept_failed(self, exc: OSError) -> int | None:
         """The Acceptor's policy (shed with the spare, back off) for a failed accept(): a
         connection it took instead, or None (the loop then honours any back-off)."""
-        shed = self.acceptor.shed
-        fd = self.acceptor._failed(exc)
-        if self.acceptor.shed != shed:
-            self.stats.accepted += self.acceptor.shed - shed
-            self.stats.shed += self.acceptor.shed - shed
+        fd, shed = self.acceptor.after_failure(exc)
+        self.stats.accepted += shed
+        self.stats.shed += shed
         return fd
 
     def close(self) -> None:

@@ -157,10 +157,9 @@ class IterativeServer(Server):
     def accept_failed(self, exc: OSError, poller: select.poll, signal_fd: int) -> int | None:
         """The Acceptor's policy for a failed accept(): a connection taken instead, or None —
         shed, or backing off: then the back-off is waited out here, before the next accept()."""
-        shed = self.acceptor.shed
-        fd = self.acceptor._failed(exc)
-        if self.acceptor.shed != shed:
-            self.slot.accepted_and_shed(self.acceptor.shed - shed)
+        fd, shed = self.acceptor.after_failure(exc)
+        if shed:
+            self.slot.accepted_and_shed(shed)
         if fd is None and self.acceptor.paused(time.monotonic()):
             self.wait_for_connection(poller, signal_fd)
         return fd

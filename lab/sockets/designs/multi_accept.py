@@ -411,10 +411,9 @@ class AcceptWorker:
     def accept_failed(self, exc: OSError) -> int | None:
         """The Acceptor's policy for a failed accept() (shed with the spare, back off): a
         connection it took instead, or None after waiting out any back-off."""
-        shed = self.acceptor.shed
-        fd = self.acceptor._failed(exc)
-        if self.acceptor.shed != shed:
-            self.slot.accepted_and_shed(self.acceptor.shed - shed)
+        fd, shed = self.acceptor.after_failure(exc)
+        if shed:
+            self.slot.accepted_and_shed(shed)
         if self.acceptor.paused(time.monotonic()):
             time.sleep(max(0.0, self.acceptor.paused_until - time.monotonic()))
         return fd
