@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from harness import require
 
-from lab.orchestration import compose
+from lab.orchestration import compose, engine
 from lab.orchestration.engine import LabError
 from lab.sockets.config import OPTIONS, env_name
 
@@ -67,3 +67,41 @@ def test_an_option_compose_yaml_does_not_list_reaches_the_server_container() -> 
     server = server[: server.find("\n  client") if "\n  client" in server else len(server)]
     found = dict(re.findall(r"^\s+(LAB_\w+): '?([^'\n]*)'?$", server, re.MULTILINE))
     assert {name: found.get(name) for name in unlisted} == env
+
+
+@pytest.mark.parametrize(
+    ("kernel", "has_it"),
+    [
+        ("6.18.44-fc-v669", True),
+        ("5.14.0", True),
+        ("5.15.0-91-generic", True),
+        ("5.13.19", False),
+        ("4.19.0-26-amd64", False),
+        ("", False),
+        ("weird", False),
+    ],
+)
+def test_tcp_migrate_req_is_set_only_on_a_kernel_that_has_it(kernel: str, has_it: bool) -> None:
+    assert engine.has_migrate_req(kernel) is has_it
+
+
+def _server_sysctls(monkeypatch: pytest.MonkeyPatch, kernel_has_it: bool) -> str:
+    monkeypatch.setattr(compose, "engine_has_migrate_req", lambda: kernel_has_it)
+    text = compose.run(["config"], env={"LAB_IMAGE": "lab:x"}).stdout
+    server = text[text.index("  server:") :]
+    return server[: server.find("\n  client") if "\n  client" in server else len(server)]
+
+
+def test_the_server_gets_tcp_migrate_req_from_its_own_file_only_where_the_kernel_has_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Docker refuses a container with a sysctl its kernel lacks (Linux < 5.14 has no
+    tcp_migrate_req): compose.yaml alone never names it, the override file adds it."""
+    require(
+        shutil.which("docker-compose") is not None or shutil.which("docker") is not None,
+        "no compose tool (make test installs docker-compose)",
+    )
+    assert "tcp_migrate_req" not in _server_sysctls(monkeypatch, kernel_has_it=False)
+    new = _server_sysctls(monkeypatch, kernel_has_it=True)
+    assert re.search(r"net\.ipv4\.tcp_migrate_req: '?1'?", new)
+    assert re.search(r"net\.ipv4\.tcp_syncookies: '?0'?", new)  # merged, not replaced

@@ -24,7 +24,7 @@ from lab.measure.config import LoadConfig
 from lab.measure.result import LoadResult, merge
 from lab.orchestration import stack
 from lab.orchestration.compose import PROJECT_LABEL, SERVICE_LABEL
-from lab.orchestration.engine import LABELS, PROJECT, LabError, client
+from lab.orchestration.engine import LABELS, PROJECT, LabError, client, engine_has_migrate_req
 from lab.orchestration.loaders import LateStart, LoaderSession
 from lab.orchestration.readings import ContainerReader
 
@@ -35,6 +35,15 @@ SERVER_HOST = "bakawali"
 SERVER_PORT = 12345
 # Seconds between sending the loaders off and their shared start time, tried in turn.
 START_LEADS = (0.3, 2.0, 8.0)
+
+
+def peer_sysctls() -> dict[str, str]:
+    """A container in the server's place gets the server's sysctls (compose.yaml and, where the
+    kernel has it, images/compose.migrate-req.yaml): no SYN cookies, reuseport's queues moved."""
+    sysctls = {"net.ipv4.tcp_syncookies": "0"}
+    if engine_has_migrate_req():
+        sysctls["net.ipv4.tcp_migrate_req"] = "1"
+    return sysctls
 
 
 def describe() -> dict[str, Any]:
@@ -230,7 +239,7 @@ class DockerBackend:
             tmpfs={"/tmp": ""},
             security_opt=["no-new-privileges:true"],
             pids_limit=1200,
-            sysctls={"net.ipv4.tcp_syncookies": "0"},
+            sysctls=peer_sysctls(),
             network=network,
             networking_config={network: endpoint},
             **{key: value for key, value in extra.items() if value is not None},

@@ -16,8 +16,9 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 
-from lab.orchestration.engine import PROJECT, LabError, repo_root
+from lab.orchestration.engine import PROJECT, LabError, engine_has_migrate_req, repo_root
 from lab.sockets.config import OPTIONS, env_name
 
 PROJECT_LABEL = "com.docker.compose.project"
@@ -80,6 +81,20 @@ def version() -> str:
     return (result.stdout.splitlines() or ["?"])[0].strip()
 
 
+#: The server's net.ipv4.tcp_migrate_req=1, in a file of its own: added only when the engine's
+#: kernel has that sysctl (Linux 5.14), since Docker refuses to start a container with one it
+#: does not know.
+MIGRATE_REQ_FILE = "images/compose.migrate-req.yaml"
+
+
+def files(root: Path) -> list[str]:
+    """``-f`` options: compose.yaml, and the tcp_migrate_req override where the kernel has it."""
+    chosen = ["-f", str(root / "compose.yaml")]
+    if engine_has_migrate_req():
+        chosen += ["-f", str(root / MIGRATE_REQ_FILE)]
+    return chosen
+
+
 def run(
     args: Sequence[str],
     env: Mapping[str, str] | None = None,
@@ -89,7 +104,7 @@ def run(
     """``compose -p PROJECT -f compose.yaml ARGS``; raises LabError with compose's own last
     error line when it fails."""
     root = repo_root()
-    command = [*tool(), "-p", project, "-f", str(root / "compose.yaml"), *args]
+    command = [*tool(), "-p", project, *files(root), *args]
     full_env = {**os.environ, **(env or {})}
     with server_env_file(full_env) as path:
         result = subprocess.run(

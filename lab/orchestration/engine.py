@@ -6,7 +6,9 @@ Every image, container and network the lab creates has the label ``org.lab.manag
 
 from __future__ import annotations
 
+import functools
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -55,3 +57,22 @@ def client() -> docker.DockerClient:
             "DOCKER_HOST right? The lab needs a Linux host with Docker"
         ) from None
     return engine
+
+
+#: net.ipv4.tcp_migrate_req came with Linux 5.14; Docker refuses to start a container whose
+#: sysctls the kernel does not have, so the lab sets it only where the engine's kernel has it.
+MIGRATE_REQ_KERNEL = (5, 14)
+
+
+def has_migrate_req(kernel_version: str) -> bool:
+    """Whether a kernel of this version (``uname -r``, as ``docker info`` reports it) has
+    ``net.ipv4.tcp_migrate_req``; an unreadable version counts as old (the safe side)."""
+    match = re.match(r"(\d+)\.(\d+)", kernel_version)
+    return match is not None and (int(match[1]), int(match[2])) >= MIGRATE_REQ_KERNEL
+
+
+@functools.cache
+def engine_has_migrate_req() -> bool:
+    """Whether the Docker engine's kernel (the containers' kernel, not necessarily this
+    machine's) has ``net.ipv4.tcp_migrate_req``."""
+    return has_migrate_req(str(client().info().get("KernelVersion", "")))

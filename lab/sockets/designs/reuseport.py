@@ -19,8 +19,8 @@ What a worker's death does to its queue: the socket closes with the process, and
 connections completed in its queue (and handshakes in flight to it) are reset — unless
 ``net.ipv4.tcp_migrate_req`` is 1 (Linux 5.14, per network namespace): then the kernel moves
 them to another socket of the group, where another worker accepts them. The server reads the
-setting at start and says in a notice when it is off (the lab's compose.yaml sets it in the
-server's container). The same holds when a worker leaves at a stop: each worker shrinks its own
+setting at start and says in a notice when it is off (the lab sets it in the server's
+container where the kernel has it: images/compose.migrate-req.yaml). The same holds when a worker leaves at a stop: each worker shrinks its own
 backlog (``listen(fd, 0)``) as soon as it is told to stop, serves what was queued on its socket,
 and exits; with the setting on, a connection that raced into its queue meanwhile moves to a
 worker still open instead of being reset.
