@@ -445,7 +445,7 @@ def test_no_starvation_no_section(tmp_path: Path) -> None:
 def test_the_c_column_divides_by_the_c_peer_of_the_family(tmp_path: Path) -> None:
     """×C: a design's CPU per request over its family's C peer's at the same workload and
     concurrency — prefork designs and their variants by peer-c-prefork, fork designs by
-    peer-c-fork; "—" for peers, and where the C peer did not run."""
+    peer-c-fork; "—" for a C peer, and where the C peer did not run."""
     from lab.sockets.designs import DESIGNS as REGISTRY
 
     assert REGISTRY["multi-accept"].family == "prefork" and REGISTRY["spawn"].family == "fork"
@@ -468,7 +468,7 @@ def test_the_c_column_divides_by_the_c_peer_of_the_family(tmp_path: Path) -> Non
         ("spawn", 8): "×20.0",
         ("spawn+cat", 8): "×2.0",
         ("fork", 1): "—",
-        ("peer-threading", 8): "—",
+        ("peer-threading", 8): "×5.0",  # a thread per connection: as the thread designs
         ("peer-c-prefork", 8): "—",
     }
     for (design, concurrency), ratio in expected.items():
@@ -685,3 +685,27 @@ def test_the_c_column_reads_an_event_loop_against_the_c_epoll_peer(
     text = render(results, tmp_path).read_text()
     for name in names:
         assert _row(text, name, 8)["×C"] == "×5.0", name
+
+
+def test_the_c_column_reads_the_stdlib_peers_against_the_c_peer_of_their_shape(
+    tmp_path: Path,
+) -> None:
+    """peer-asyncio is an event loop (peer-c-epoll), peer-forking a fork per connection
+    (peer-c-fork), peer-threading a thread per connection (peer-c-prefork, as the thread
+    designs); a C ceiling has no ×C of its own."""
+    assert sweep.c_peer("peer-asyncio") == "peer-c-epoll"
+    assert sweep.c_peer("peer-forking") == "peer-c-fork"
+    assert sweep.c_peer("peer-threading") == sweep.c_peer("thread") == "peer-c-prefork"
+    assert sweep.c_peer("peer-c-epoll") is None and sweep.c_peer("peer-mine") is None
+    results = make_results(
+        [
+            make_run("peer-c-epoll", 8, cpu_ms=0.02),
+            make_run("peer-c-fork", 8, cpu_ms=0.5),
+            make_run("peer-asyncio", 8, cpu_ms=0.07),
+            make_run("peer-forking", 8, cpu_ms=1.0),
+        ]
+    )
+    text = render(results, tmp_path).read_text()
+    assert _row(text, "peer-asyncio", 8)["×C"] == "×3.5"
+    assert _row(text, "peer-forking", 8)["×C"] == "×2.0"
+    assert _row(text, "peer-c-epoll", 8)["×C"] == "—"

@@ -23,7 +23,7 @@ from typing import Any
 from lab.measure.bench import Backend, BenchError, ServerSpec, bench, server_command
 from lab.measure.config import CONNECT_PER_REQUEST, make_config
 from lab.measure.errors import LoadError
-from lab.measure.peers import PEERS
+from lab.measure.peers import PEER_FAMILIES, PEERS
 from lab.sockets.designs import DESIGNS
 
 SCHEMA = "lab.compare/1"
@@ -169,9 +169,13 @@ def base_design(name: str) -> str | None:
 
 
 def c_peer(name: str) -> str | None:
-    """The C peer a design (or variant) is measured against: ``peer-c-<its family>``."""
+    """The C peer a design (or variant, or a peer of a known shape) is measured against:
+    ``peer-c-<its family>``; None for a C ceiling itself and for a server of unknown shape."""
     design = base_design(name)
-    return f"peer-c-{DESIGNS[design].family}" if design is not None else None
+    if design is not None:
+        return f"peer-c-{DESIGNS[design].family}"
+    family = PEER_FAMILIES.get(name.removeprefix("peer-")) if name.startswith("peer-") else None
+    return f"peer-c-{family}" if family is not None else None
 
 
 def pool_options(design: str, workers: int, growth: int = 1) -> tuple[str, ...]:

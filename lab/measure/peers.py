@@ -256,6 +256,18 @@ PEERS = {
 }
 
 
+# The ×C family of each peer that is not a C ceiling itself: the C peer whose design it shares,
+# so the report reads the stdlib's servers (and the sendmsg hand-off in C) against the same
+# floor as the lab's designs of that shape. The C ceilings have none: they are the floor.
+PEER_FAMILIES = {
+    "threading": "prefork",  # as the lab's thread designs
+    "forking": "fork",
+    "socat": "fork",
+    "asyncio": "epoll",
+    "c-sendmsg": "prefork",  # as the lab's sendmsg: what the hand-off costs, in C
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lab.measure.peers")
     parser.add_argument("peer", choices=sorted(PEERS))

@@ -444,8 +444,8 @@ def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
 
 def c_ratio(cell: Cell, cells: Sequence[Cell]) -> str:
     """The ×C column: ``cell``'s server CPU per request over that of the C peer of its family
-    (``peer-c-<family>``) at the same workload and concurrency; "—" for a peer, or when the C
-    peer did not run there (or has no CPU figure)."""
+    (``peer-c-<family>``) at the same workload and concurrency; "—" for a C ceiling, or when
+    the C peer did not run there (or has no CPU figure)."""
     from lab.measure.compare import c_peer
 
     peer = c_peer(cell.design)
@@ -939,7 +939,10 @@ def render(results: Mapping[str, Any], out_dir: Path) -> Path:
         "workers each run actually had (from the server's statistics); every pool runs with "
         f"--workers {matrix.get('workers', '?')} and may not grow past it, except where a "
         "variant says so. **×C** is a design's CPU per request over that of the C peer of its "
-        "family (peer-c-<family>) at the same workload and concurrency (— when it did not run). "
+        "family (peer-c-<family>) at the same workload and concurrency (— when it did not run); "
+        "the stdlib peers are read the same way (threading against peer-c-prefork, forking and "
+        "socat against peer-c-fork, asyncio against peer-c-epoll), as is peer-c-sendmsg against "
+        "peer-c-prefork. "
         "**LOADER-BOUND** marks a cell whose loaders were the bottleneck: its throughput and "
         "latency measure the loader, not the server.",
         "",

@@ -20,10 +20,11 @@ connections completed in its queue (and handshakes in flight to it) are reset â€
 ``net.ipv4.tcp_migrate_req`` is 1 (Linux 5.14, per network namespace): then the kernel moves
 them to another socket of the group, where another worker accepts them. The server reads the
 setting at start and says in a notice when it is off (the lab sets it in the server's
-container where the kernel has it: images/compose.migrate-req.yaml). The same holds when a worker leaves at a stop: each worker shrinks its own
-backlog (``listen(fd, 0)``) as soon as it is told to stop, serves what was queued on its socket,
-and exits; with the setting on, a connection that raced into its queue meanwhile moves to a
-worker still open instead of being reset.
+container where the kernel has it: images/compose.migrate-req.yaml). The same holds when a
+worker leaves at a stop: each worker shrinks its own backlog (``listen(fd, 0)``) as soon as
+it is told to stop, serves what was queued on its socket, and exits; with the setting on, a
+connection that raced into its queue meanwhile moves to a worker still open instead of being
+reset.
 
 A connection costs its worker ``accept4``, the messages' ``readv``/``write``, the EOF ``readv``
 and ``close`` â€” as ``multi-accept``, nothing of the lab's; the parent makes none. Starting a
