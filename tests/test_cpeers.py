@@ -259,6 +259,27 @@ def test_fork_peer_forks_per_connection_and_leaves_no_zombies(
     assert server.stats()["accepted"] == 201
 
 
+def test_fork_peer_at_its_child_cap_leaves_new_connections_in_the_backlog(
+    start_server: ServerFactory, cpeer: Path
+) -> None:
+    """--max-children (default 256, as the lab's fork design): at the cap the parent accepts
+    nothing, so a container's pids limit never makes fork() fail and reset a connection; the
+    waiting connection is served once a child has ended."""
+    server = start(start_server, cpeer, "fork", "--max-children", "2")
+    held = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(2)]
+    for sock in held:
+        sock.sendall(b"x")
+        assert sock.recv(1) == b"x"
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as waiting:
+        waiting.sendall(b"queued")  # the kernel completed the handshake: it sits in the backlog
+        assert server.stats()["accepted"] == 2  # not accepted: the parent is at its cap
+        assert len(children_of(server.pid)) == 2
+        held.pop().close()  # a child ends; reaped, it frees a place
+        assert waiting.recv(64) == b"queued"
+    held.pop().close()
+    assert server.stats()["accepted"] == 3
+
+
 # --- signals -----------------------------------------------------------------------------------
 
 
@@ -358,6 +379,7 @@ def test_port_in_use_exits_3_with_one_line(cpeer: Path) -> None:
         ["prefork", "--port", "70000"],
         ["epoll", "--nope", "1"],
         ["fork", "--host"],
+        ["fork", "--max-children", "0"],
     ],
 )
 def test_bad_usage_exits_2(cpeer: Path, args: list[str]) -> None:

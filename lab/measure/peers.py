@@ -250,7 +250,7 @@ PEERS = {
     "socat": "socat TCP-LISTEN,fork EXEC:cat: fork() and exec(cat) per connection",
     "asyncio": "asyncio.Protocol echo (vmbench's): one event loop, data_received → write",
     "c-prefork": "C: --workers processes, forked after listen(), each blocking in accept()",
-    "c-fork": "C: fork() a child per connection; the parent reaps them",
+    "c-fork": "C: fork() a child per connection (at most 256 at once); the parent reaps them",
     "c-epoll": "C: --workers epoll loops on the shared listener (EPOLLEXCLUSIVE)",
     "c-sendmsg": "C: the parent accepts and passes each descriptor to --workers recvmsg() workers",
 }

@@ -1,11 +1,13 @@
 /*
  * lab-cpeer: the C reference peers ("C ceilings") the lab measures its Python designs against.
  *
- *   lab-cpeer MODE [--host H] [--port P] [--backlog B] [--workers N]
+ *   lab-cpeer MODE [--host H] [--port P] [--backlog B] [--workers N] [--max-children N]
  *
  * MODE is one of
  *   prefork  N workers, forked after listen(), each blocking in accept() on the shared socket;
  *   fork     one process: accept(), fork() a child per connection, the child echoes, _exit(0)s;
+ *            at most --max-children (256) alive, as the lab's `fork`: at the cap the parent
+ *            accepts nothing until a child is reaped, and new connections wait in the backlog;
  *   epoll    N workers, each an epoll loop on the shared socket (EPOLLEXCLUSIVE), non-blocking
  *            connections, partial writes finished on EPOLLOUT;
  *   sendmsg  one process accepts and passes each connection (SCM_RIGHTS over a SOCK_SEQPACKET
@@ -46,13 +48,18 @@
 #define MAX_WORKERS 1024
 #define MAX_EVENTS 64
 #define ACCEPT_BATCH 16 /* accept()s per wake-up, so one worker cannot take a whole burst */
+/* fork's cap on children not yet reaped: `lab serve --design fork`'s --max-children default.
+ * Without one, a burst of exits the parent has not reaped yet (each an unreaped child, counted
+ * by the kernel as a process) runs into a container's pids limit, fork() fails with EAGAIN and
+ * the connection is closed unserved: a reset that is the peer's, not the design's. */
+#define MAX_CHILDREN_DEFAULT 256
 
 enum { EXIT_OK = 0, EXIT_ERROR = 1, EXIT_USAGE = 2, EXIT_LISTEN = 3 };
 enum mode { MODE_PREFORK, MODE_FORK, MODE_EPOLL, MODE_SENDMSG };
 static const char *const MODE_NAMES[] = {"prefork", "fork", "epoll", "sendmsg"};
 
 static const char USAGE[] = "usage: lab-cpeer prefork|fork|epoll|sendmsg [--host H] [--port P] "
-                            "[--backlog B] [--workers N]\n";
+                            "[--backlog B] [--workers N] [--max-children N]\n";
 
 static volatile sig_atomic_t stop_requested;
 static volatile sig_atomic_t stats_requested;
@@ -389,6 +396,8 @@ static void child_started(pid_t pid);
 static void reap_children(void);
 static pid_t *children;
 static size_t nchildren;
+/* Accept only while fewer children than this are unreaped (fork mode; the pools have none). */
+static size_t child_cap = SIZE_MAX;
 
 /* --- the accepting parent (fork, sendmsg) ---------------------------------------------------- */
 
@@ -407,13 +416,14 @@ static void accept_until_stopped(int lfd, const sigset_t *waitmask, void (*handl
             child_exited = 0;
             reap_children();
         }
+        /* At the cap, wait for SIGCHLD alone (no descriptor): the loop's top then reaps. */
         struct pollfd p = {.fd = lfd, .events = POLLIN};
-        if (ppoll(&p, 1, NULL, waitmask) < 0) {
+        if (ppoll(&p, nchildren < child_cap ? 1 : 0, NULL, waitmask) < 0) {
             if (errno == EINTR)
                 continue;
             fail(EXIT_ERROR, "ppoll(): %s", strerror(errno));
         }
-        for (int i = 0; i < ACCEPT_BATCH; i++) {
+        for (int i = 0; i < ACCEPT_BATCH && nchildren < child_cap; i++) {
             int fd = accept4(lfd, NULL, NULL, SOCK_CLOEXEC); /* blocking, unlike the listener */
             if (fd < 0) {
                 if (errno != EAGAIN && errno != EWOULDBLOCK)
@@ -659,7 +669,7 @@ static void announce_ready(void) {
 
 int main(int argc, char **argv) {
     const char *host = "0.0.0.0";
-    long port = 12345, backlog = 128, workers = 2;
+    long port = 12345, backlog = 128, workers = 2, max_children = MAX_CHILDREN_DEFAULT;
 
     if (argc < 2)
         usage_error("give a mode: %s", "prefork, fork, epoll or sendmsg");
@@ -695,6 +705,8 @@ int main(int argc, char **argv) {
             backlog = parse_number("--backlog", value, 1, INT_MAX);
         else if (len == 9 && strncmp(arg, "--workers", len) == 0)
             workers = parse_number("--workers", value, 1, MAX_WORKERS);
+        else if (len == 14 && strncmp(arg, "--max-children", len) == 0)
+            max_children = parse_number("--max-children", value, 1, MAX_WORKERS);
         else
             usage_error("unknown option '%s'", arg);
     }
@@ -730,5 +742,6 @@ int main(int argc, char **argv) {
         return run_pool(lfd, (int)workers, &waitmask, announce_ready);
     if (mode == MODE_SENDMSG)
         return run_sendmsg(lfd, (int)workers, &waitmask, announce_ready);
+    child_cap = (size_t)max_children;
     return run_fork(lfd, &waitmask, announce_ready);
 }
