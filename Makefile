@@ -47,8 +47,14 @@ $(CPEER): $(CPEER_SRC) | host-tools
 	@mkdir -p $(@D)
 	gcc $(CPEER_CFLAGS) -o $@.tmp $< && mv -f $@.tmp $@
 
+# Two pytest workers (pytest-xdist): the Docker tests run in one group, on one worker, in file
+# order (one image build, no two labs fighting over the engine), while the other worker takes
+# the loopback tests; most of either waits on processes and containers, not the CPU.
+# TEST_WORKERS=0 runs everything in this process, in order.
+TEST_WORKERS ?= 2
+
 test: venv host-tools cpeer
-	$(PY) -m pytest
+	$(PY) -m pytest $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup)
 
 lint: venv
 	$(VENV)/bin/ruff check lab tests

@@ -14,6 +14,9 @@ from lab.measure.claims import INCONCLUSIVE, evaluate
 from lab.measure.report import aggregate, cells_for, render
 from lab.sockets.designs import DESIGNS
 
+# One worker runs this file under `make test` (-n 2): its module fixture is a whole compare.
+pytestmark = pytest.mark.xdist_group("compare")
+
 TINY = sweep.Matrix(
     sweep.all_servers(),  # every design, variant and peer
     workloads=["connect-per-request", "persistent"],
@@ -29,7 +32,7 @@ TINY = sweep.Matrix(
 def tiny_results(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, object], Path]:
     out = tmp_path_factory.mktemp("results")
     results = sweep.compare(
-        LocalBackend,
+        lambda: LocalBackend(keep=True),  # as `lab compare --local`: servers and loaders kept
         TINY,
         environment=sweep.environment(),
         command="lab compare --local",

@@ -93,3 +93,15 @@ def test_a_histogram_of_another_layout_is_refused_rather_than_merged_approximate
     encoded = other.encode()
     with pytest.raises(ValueError, match="layout"):
         LatencyHistogram.decode(encoded.decode() if isinstance(encoded, bytes) else encoded)
+
+
+@given(st.lists(st.integers(min_value=0, max_value=10_000_000), min_size=1, max_size=300))
+def test_mean_is_hdrh_own_mean_computed_faster(values: list[int]) -> None:
+    """The mean walks the counts array, not hdrh's iterator: the same figure as hdrh's own
+    get_mean_value(), and close to the plain arithmetic mean (a bucket is 0.1% wide)."""
+    hist = LatencyHistogram()
+    for value in values:
+        hist.record(value)
+    assert hist.mean == float(hist._hist.get_mean_value())
+    plain = sum(values) / len(values)
+    assert abs(hist.mean - plain) <= 0.001 * max(values) + 1
