@@ -122,7 +122,7 @@ class LatencyHistogram:
             count = counts[index]
             if count:
                 weighted += count * median(value_at(index))
-        return float(weighted) / total
+        return float(weighted) / float(total)
 
     def percentile(self, percent: float) -> int:
         """The value at ``percent`` (0–100): that share of values are ≤ it; 0 when empty."""
