@@ -131,3 +131,35 @@ def test_sendmsg_parent_blocked_in_accept_takes_signals_and_goes_on_serving(
         assert silent.recv(4) == b"late"
     stats = stats_when(server, lambda s: s["completed"] == 5)
     assert stats["accepted"] == 5 and stats["failed"] == {}
+
+
+def test_a_multi_accept_worker_blocked_in_its_errno_policys_accept_leaves_on_sigterm() -> None:
+    # After an accept() error such as ECONNABORTED the policy accepts the next connection on
+    # the same blocking socket; when another worker took it first, that accept() blocks like
+    # the main one. Once, a stop could not end it (PEP 475 retried it): the worker waited for
+    # a connection or the parent's SIGKILL.
+    code = textwrap.dedent(
+        """
+        import errno, os, signal, socket, sys, threading
+        from lab.sockets import signals
+        from lab.sockets.config import parse
+        from lab.sockets.designs.multi_accept import AcceptWorker
+        from lab.sockets.log import Log
+        from lab.sockets.stats import Counters
+
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        config = parse(["--design", "multi-accept"], {}, ["multi-accept"])
+        worker = AcceptWorker(listener, config, Log(False), Counters(1).assign())
+        signals.install((signal.SIGTERM,), worker.serving.on_signal)
+        threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        fd = worker.accept_failed(OSError(errno.ECONNABORTED, "aborted"))  # blocks: no one came
+        print(fd, worker.serving.stopping)
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=GUARD
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["None", "True"]

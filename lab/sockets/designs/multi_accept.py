@@ -410,12 +410,29 @@ class AcceptWorker:
 
     def accept_failed(self, exc: OSError) -> int | None:
         """The Acceptor's policy for a failed accept() (shed with the spare, back off): a
-        connection it took instead, or None after waiting out any back-off."""
-        fd, shed = self.acceptor.after_failure(exc)
-        if shed:
-            self.slot.accepted_and_shed(shed)
-        if self.acceptor.paused(time.monotonic()):
-            time.sleep(max(0.0, self.acceptor.paused_until - time.monotonic()))
+        connection it took instead, or None after waiting out any back-off.
+
+        The policy's own accept()s are on the same blocking socket: when another worker took
+        the connection first, they block like the main one, and so does the back-off's sleep.
+        So the whole of it is interruptible by a stop (PEP 475 would retry both otherwise, and
+        the worker would wait for a connection or the parent's SIGKILL). An Interrupted may
+        leave the policy half done — the spare not reopened, a shed connection not counted —
+        which no longer matters: the worker is leaving. A connection it had already taken is
+        still returned, and served as the drain serves."""
+        serving = self.serving
+        fd: int | None = None
+        serving.interruptible = True
+        try:
+            if not serving.stopping:
+                fd, shed = self.acceptor.after_failure(exc)
+                if shed:
+                    self.slot.accepted_and_shed(shed)
+                if self.acceptor.paused(time.monotonic()):
+                    time.sleep(max(0.0, self.acceptor.paused_until - time.monotonic()))
+        except Interrupted:
+            pass
+        finally:
+            serving.interruptible = False
         return fd
 
     def _wait(self, check_stop: bool) -> int | None:
