@@ -51,6 +51,7 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 OK = b"OK\n"
 NOT_FOUND = b"NOT_FOUND\n"
 TOO_LONG = b"ERR line too long\n"
+_BUSY = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 
 
 class KvError(Exception):
@@ -128,9 +129,11 @@ class Store:
         not a 64-bit integer or the sum is not (the value is then unchanged)."""
         if not INT64_MIN <= n <= INT64_MAX:
             raise KvError("overflow")
-        row = self._db.execute(_INCR, (key, n)).fetchone()
-        if row is not None:
-            return int(row[0])
+        # fetchall(): the statement runs to its end, where autocommit commits, and a failed
+        # commit raises here: the sum is returned only once it is committed.
+        rows = self._db.execute(_INCR, (key, n)).fetchall()
+        if rows:
+            return int(rows[0][0])
         # Nothing was written. Name the reason from a second read: a write between the two can
         # make it the wrong one, never make the refusal wrong.
         value = self.get(key)
@@ -268,9 +271,10 @@ class KvProtocol:
         except UnicodeDecodeError:
             return b"ERR bad utf-8\n"
         except sqlite3.OperationalError as exc:
-            if exc.sqlite_errorcode & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
-                return b"ERR busy\n"  # the extended codes (BUSY_SNAPSHOT …) share the low byte
-            return b"ERR storage\n"
+            # Errors the sqlite3 module raises itself (a stored value that is not UTF-8) have
+            # no code. The extended codes (SQLITE_BUSY_SNAPSHOT …) share the low byte.
+            code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
+            return b"ERR busy\n" if code in _BUSY else b"ERR storage\n"
         except sqlite3.ProgrammingError:  # our bug (a closed Store …), not the client's
             raise
         except sqlite3.DatabaseError:  # a corrupt file
