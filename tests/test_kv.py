@@ -447,6 +447,12 @@ def test_a_store_without_wal_is_refused() -> None:
         Store(":memory:")
 
 
+def test_a_sqlite_without_returning_is_refused(db: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sqlite3, "sqlite_version_info", (3, 34, 1))
+    with pytest.raises(kv.KvError, match="too old"):
+        Store(db)
+
+
 def test_writes_persist_across_a_reopen(db: str) -> None:
     with Store(db) as first:
         protocol = KvProtocol(first)

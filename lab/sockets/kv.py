@@ -13,15 +13,15 @@ command names are case-insensitive::
                            at most limit of them (default SCAN_DEFAULT, 1..SCAN_MAX);
                            an empty line when none match
 
-Anything else is ``ERR <reason>`` and the connection goes on: an unknown command, the wrong
-number of arguments (``ERR usage: …``), a key that is not UTF-8 or longer than :data:`MAX_KEY`
-bytes, a line longer than MAX_LINE (``ERR line too long`` as soon as it cannot fit; the rest of
-it, up to its newline, is discarded), an empty line, an ``n`` or ``limit`` that is not a decimal
-integer. INCR works on 64-bit integers: a stored value that is not one in canonical decimal
-form (``-12``, not ``+12`` or ``012``) is ``ERR not an integer``, a result outside 64 bits
-``ERR overflow``; a missing key counts from 0. A value may not be ``NOT_FOUND``, ``ERR`` or start
-with ``ERR `` (``ERR reserved value``): GET replies with the bare value, which must not read as
-a miss or an error. A line that the connection's end cuts short (no newline) gets no reply.
+Anything else is ``ERR <reason>`` and the connection goes on: an unknown command, the wrong number
+of arguments (``ERR usage: …``), a key or value that is not UTF-8, a key longer than :data:`MAX_KEY`
+bytes, a line longer than MAX_LINE (``ERR line too long`` as soon as it cannot fit; the rest of it,
+up to its newline, is discarded), an empty line, an ``n`` or ``limit`` that is not a decimal
+integer. INCR works on 64-bit integers: a stored value that is not one in canonical decimal form
+(``-12``, not ``+12`` or ``012``) is ``ERR not an integer``, a result outside 64 bits ``ERR
+overflow``; a missing key counts from 0. A value may not be ``NOT_FOUND``, ``ERR`` or start with
+``ERR `` (``ERR reserved value``): GET replies with the bare value, which must not read as a miss or
+an error. A line that the connection's end cuts short (no newline) gets no reply.
 
 Storage is :class:`Store`: one SQLite connection in WAL mode, each command one statement and so
 one transaction (autocommit). A write that cannot take the database's write lock within the busy
@@ -101,6 +101,8 @@ class Store:
     ``synchronous`` stays at its default, FULL: a commit is on disk before the reply says so."""
 
     def __init__(self, path: str, busy_timeout: float = DEFAULT_BUSY_TIMEOUT) -> None:
+        if sqlite3.sqlite_version_info < (3, 35):  # RETURNING (INCR); the upserts need 3.24
+            raise KvError(f"SQLite {sqlite3.sqlite_version} is too old: the kv store needs 3.35")
         self.path = path
         # isolation_level=None: sqlite3 opens no transactions of its own; each statement is one.
         self._db = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None)
