@@ -115,7 +115,7 @@ def test_control_a_design_against_its_identical_copy_is_inconclusive() -> None:
     )
     results = sweep.compare(LocalBackend, matrix)
     assert results["order"] == sweep.INTERLEAVED
-    assert not [r for r in results["runs"] if "error" in r]
+    assert not [(r["design"], r["error"]) for r in results["runs"] if "error" in r]
     cells = aggregate(results)
     assert all(c.runs == 3 and c.usable for c in cells)
     control = evaluate(results)[-1]
@@ -202,7 +202,7 @@ def test_a_local_sweep_interleaves_its_repeats_and_starts_each_server_once() -> 
     )
     results = sweep.compare(make, matrix)
     runs = results["runs"]
-    assert not [r for r in runs if "error" in r]
+    assert not [(r["design"], r["error"]) for r in runs if "error" in r]
     assert [(r["design"], r["repeat"]) for r in runs] == [
         ("multi-accept", 0),
         ("fork", 0),

@@ -44,8 +44,10 @@ class Member:
 
 
 def containers(engine: docker.DockerClient, project: str = PROJECT) -> list[Container]:
+    # ignore_removed: the SDK lists, then inspects each container; one removed in between (a
+    # bench's peer going away, compose recreating the server) is not an error, just gone.
     found = engine.containers.list(
-        all=True, filters={"label": f"{compose.PROJECT_LABEL}={project}"}
+        all=True, filters={"label": f"{compose.PROJECT_LABEL}={project}"}, ignore_removed=True
     )
     return sorted(found, key=lambda c: (_service(c) != "server", _service(c), _number(c)))
 
@@ -270,13 +272,14 @@ def _remove_labelled(engine: docker.DockerClient, project: str) -> list[str]:
     labels: dict[str, str | list[str] | bool] = {
         "label": [f"{compose.PROJECT_LABEL}={project}", f"{MANAGED_LABEL}=true"]
     }
-    for container in engine.containers.list(all=True, filters=labels):
+    for container in engine.containers.list(all=True, filters=labels, ignore_removed=True):
         with contextlib.suppress(NotFound, APIError):  # judged by the listing below
             container.remove(force=True)
     for network in engine.networks.list(filters=labels):
         with contextlib.suppress(NotFound, APIError):
             network.remove()
-    left = [f"container {c.name}" for c in engine.containers.list(all=True, filters=labels)]
+    listed = engine.containers.list(all=True, filters=labels, ignore_removed=True)
+    left = [f"container {c.name}" for c in listed]
     return left + [f"network {n.name}" for n in engine.networks.list(filters=labels)]
 
 

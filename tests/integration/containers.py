@@ -373,7 +373,9 @@ def remove_labelled(engine: docker.DockerClient, labels: Iterable[str]) -> list[
     labels = list(labels)
     removed: list[str] = []
     for label in labels:
-        for container in engine.containers.list(all=True, filters={"label": label}):
+        for container in engine.containers.list(
+            all=True, filters={"label": label}, ignore_removed=True
+        ):
             with contextlib.suppress(NotFound, APIError):
                 container.remove(force=True, v=True)
                 removed.append(f"container {container.name}")

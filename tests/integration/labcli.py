@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -27,12 +28,30 @@ def lab_command() -> str:
     return found
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default range starts here
+
+
 def free_loopback_port() -> int:
-    """A port nothing listens on now, for the server's published port (not the user's 12345)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
+    """A port nothing listens on now, for the server's published port (not the user's 12345),
+    taken *below* the kernel's ephemeral range: the loopback tests beside these (make test runs
+    two workers) open thousands of connections from ephemeral ports and bind servers on them,
+    and one of them may take a port chosen by bind(0) before compose publishes it — or be
+    DNATed to the container by Docker's rule for it."""
+    low = _ephemeral_low()
+    first = 20000 if low > 21000 else 1025
+    start = random.randrange(first, low)
+    for port in [*range(start, low), *range(first, start)]:
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free loopback port below the ephemeral range")
 
 
 HOST_PORT = free_loopback_port()

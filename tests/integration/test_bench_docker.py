@@ -4,13 +4,13 @@ at one start time, the cost read from the server's cgroup — every field presen
 from __future__ import annotations
 
 import contextlib
-import socket
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import pytest
 from containers import remove_project
+from labcli import free_loopback_port
 
 from lab.measure.bench import ServerSpec, bench
 from lab.measure.config import make_config
@@ -26,9 +26,7 @@ if TYPE_CHECKING:
 def bench_project(
     compose_project: str, lab_image: str, docker_engine: object, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[str]:
-    with socket.socket() as probe:  # not the user's 12345
-        probe.bind(("127.0.0.1", 0))
-        monkeypatch.setenv("LAB_HOST_PORT", str(probe.getsockname()[1]))
+    monkeypatch.setenv("LAB_HOST_PORT", str(free_loopback_port()))  # not the user's 12345
     try:
         yield compose_project
     finally:

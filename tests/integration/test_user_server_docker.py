@@ -9,12 +9,12 @@ from __future__ import annotations
 import contextlib
 import json
 import shlex
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from containers import remove_project
+from labcli import free_loopback_port
 
 from lab.measure import usercmd
 from lab.measure.bench import ServerSpec, bench
@@ -30,10 +30,8 @@ SIZE = 49
 @pytest.fixture(scope="module")
 def backend(module_project: str, lab_image: str, docker_engine: object) -> Iterator[DockerBackend]:
     """One lab for the module (2 clients), its bench backend; all of it removed at the end."""
-    with pytest.MonkeyPatch.context() as patch, socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))  # not the user's 12345
-        patch.setenv("LAB_HOST_PORT", str(probe.getsockname()[1]))
-        probe.close()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LAB_HOST_PORT", str(free_loopback_port()))  # not the user's 12345
         backend = DockerBackend(project=module_project, clients=2)
         try:
             yield backend
