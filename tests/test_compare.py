@@ -14,9 +14,6 @@ from lab.measure.claims import INCONCLUSIVE, evaluate
 from lab.measure.report import aggregate, cells_for, render
 from lab.sockets.designs import DESIGNS
 
-# One worker runs this file under `make test` (-n 2): its module fixture is a whole compare.
-pytestmark = pytest.mark.xdist_group("compare")
-
 TINY = sweep.Matrix(
     sweep.all_servers(),  # every design, variant and peer
     workloads=["connect-per-request", "persistent"],
@@ -51,7 +48,7 @@ def test_tiny_local_compare_has_every_design_workload_and_field(
     cells = {(r["design"], r["workload"]) for r in saved["runs"]}
     assert cells == {(d, w) for d in TINY.designs for w in TINY.workloads}
     for run in saved["runs"]:
-        assert "error" not in run, run
+        assert "error" not in run, (run["design"], run["workload"], run.get("error"))
         assert run["load"]["requests"] > 0 and run["load"]["errors_total"] == 0, run["design"]
         assert run["server"]["cpu_s_per_1000"] is not None
     spawn_cat = next(r for r in saved["runs"] if r["design"] == "spawn+cat")

@@ -53,15 +53,6 @@ def unavailable(reason: str) -> NoReturn:
     pytest.fail(f"CI is set, so the integration tests fail, not skip: {reason}", pytrace=False)
 
 
-def pytest_itemcollected(item: pytest.Item) -> None:
-    """Under ``make test`` (``-n 2 --dist loadgroup``) every Docker test is in one group: one
-    worker runs them all, in file order, so the images are built once and the tests that bring
-    labs up and down never race each other for the engine. (Marked as each is collected: the
-    modifyitems hook below runs after pytest-xdist has read the groups.)"""
-    if HERE in Path(item.path).resolve().parents:
-        item.add_marker(pytest.mark.xdist_group("docker"))
-
-
 @pytest.hookimpl(trylast=True)  # after -k/-m deselection and pytest's reordering by fixture
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Mark our tests ``docker``; give the first one that needs the images time to build them."""

@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from labcli import free_loopback_port
 
 from lab.measure import probe
 from lab.measure.bench import ServerSpec
@@ -26,12 +27,14 @@ MEMORY_SLACK = 8 * 2**20  # bytes: `cat` and runc, in the container while it rea
 
 @pytest.fixture(scope="module")
 def idle_peer(module_project: str, lab_image: str) -> Iterator[DockerBackend]:
-    backend = DockerBackend(project=module_project, clients=1)
-    try:
-        backend.start(ServerSpec("peer-threading"))
-        yield backend
-    finally:
-        backend.close()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LAB_HOST_PORT", str(free_loopback_port()))  # not the user's 12345
+        backend = DockerBackend(project=module_project, clients=1)
+        try:
+            backend.start(ServerSpec("peer-threading"))
+            yield backend
+        finally:
+            backend.close()
 
 
 def in_container(backend: DockerBackend, *argv: str) -> str:
