@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from lab.measure.ports import quiet_port
 from lab.sockets.designs import DESIGNS
 
 ALL_DESIGNS = list(DESIGNS)
@@ -251,7 +252,7 @@ def server_command(design: str, *args: str) -> list[str]:
         "--host",
         "127.0.0.1",
         "--port",
-        "0",
+        str(quiet_port()),  # below the ephemeral range: see lab.measure.ports
         *args,
     ]
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import statistics
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -245,3 +246,21 @@ def test_servers_kept_together_are_each_measured_alone() -> None:
         backend.close()
     assert not backend.servers  # close() stopped both, and reaped them
     assert not any(Path(f"/proc/{pid}").exists() for pid in (pool_pid, again))
+
+
+def test_a_local_server_listens_below_the_ephemeral_range() -> None:
+    """A server's port is never one the loaders' connections take as their source port (so
+    no TIME_WAIT entry of theirs can hold its four numbers: lab.measure.ports)."""
+    from lab.measure.ports import ephemeral_low, quiet_port
+
+    backend = LocalBackend()
+    _host, port = backend.start(ServerSpec("iterative"))
+    try:
+        assert 1024 <= port < ephemeral_low()
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"x")
+            assert sock.recv(1) == b"x"
+    finally:
+        backend.stop()
+    ports = {quiet_port() for _ in range(20)}
+    assert all(1024 <= p < ephemeral_low() for p in ports) and len(ports) > 1  # spread, not one

@@ -43,6 +43,7 @@ from lab.measure import probe
 from lab.measure.config import LoadConfig
 from lab.measure.load import LoaderPool, run_load
 from lab.measure.peers import PEERS
+from lab.measure.ports import quiet_port
 from lab.measure.result import LoadResult
 
 if TYPE_CHECKING:
@@ -285,8 +286,9 @@ class _LocalServer:
         self._cond = threading.Condition()
 
     def start(self, pin: bool) -> None:
-        """Start it on an ephemeral loopback port and wait until it is ready; one that fails to
-        start is stopped again (:class:`BenchError`, or the user server's own error)."""
+        """Start it on a free loopback port below the ephemeral range (lab.measure.ports) and
+        wait until it is ready; one that fails to start is stopped again (:class:`BenchError`,
+        or the user server's own error)."""
         server = self.spec
         if server.command:
             from lab.measure.usercmd import LocalCommand
@@ -306,7 +308,7 @@ class _LocalServer:
                 server.design,
                 *server.options,
             ]
-        command += ["--host", "127.0.0.1", "--port", "0"]
+        command += ["--host", "127.0.0.1", "--port", str(quiet_port())]
         self.proc = subprocess.Popen(
             command,
             stdout=subprocess.PIPE,

@@ -37,6 +37,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from lab.measure.bench import BenchError
+from lab.measure.ports import quiet_port
 
 PORT = "{port}"
 HOST = "{host}"
@@ -124,6 +125,10 @@ def substitute(words: Sequence[str], port: int, host: str) -> list[str]:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
+    """A free port below the ephemeral range (lab.measure.ports says why), else any free one."""
+    port = quiet_port(host)
+    if port:
+        return port
     with socket.socket() as probe:
         probe.bind((host, 0))
         return int(probe.getsockname()[1])
