@@ -483,9 +483,12 @@ WORKERS_ACCEPT = [d for d in PROCESS_POOLS if getattr(DESIGNS[d], "workers_accep
 # The designs with no child process (one process, its threads or its event loop accept and
 # serve): there the limit is set on the server itself.
 ONE_PROCESS = [d for d in ALL_DESIGNS if not issubclass(DESIGNS[d], ChildProcesses)]
+# The designs whose parent accepts and hands the connection on (a child per connection, a
+# descriptor to a worker): there the limit is set on the parent.
+PARENT_ACCEPTS = [d for d in ALL_DESIGNS if d not in ONE_PROCESS and d not in WORKERS_ACCEPT]
 
 
-@pytest.mark.parametrize("design", [*ONE_PROCESS, *WORKERS_ACCEPT])
+@pytest.mark.parametrize("design", [*ONE_PROCESS, *WORKERS_ACCEPT, *PARENT_ACCEPTS])
 def test_descriptor_exhaustion_sheds_without_spinning_and_recovers(
     start_server: ServerFactory, design: str
 ) -> None:

@@ -69,8 +69,13 @@ def shutdown_fd(fd: int) -> None:
 
 
 def lowest_free_fd() -> int:
-    """The descriptor number the next accept() will return (the kernel takes the lowest)."""
-    fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    """The descriptor number the next accept() will return (the kernel takes the lowest); -1
+    when the process has none free (EMFILE): then no accept() can return one to lose either,
+    and :func:`adopt_lost` of -1 is False."""
+    try:
+        fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return -1
     os.close(fd)
     return fd
 
