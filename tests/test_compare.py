@@ -154,10 +154,21 @@ def test_design_by_design_sweep_runs_each_designs_repeats_together() -> None:
         assert [r for d, *_, r in cells if d == design] == [r for r in range(3) for _ in range(4)]
 
 
-@pytest.mark.parametrize("many", [True, False])
-def test_compare_takes_its_order_from_the_backend(many: bool) -> None:
-    """A backend that holds many servers is swept interleaved, one that does not design by
-    design; the steps count through the same total either way (no server runs here)."""
+def test_rounds_sweep_restarts_each_design_once_per_repeat_reversed_on_odd_rounds() -> None:
+    cells = sweep.sweep_order(ORDER, sweep.ROUNDS)
+    assert sorted(cells) == sorted(sweep.sweep_order(ORDER, sweep.INTERLEAVED))  # each once
+    turns = [d for i, (d, *_) in enumerate(cells) if i == 0 or cells[i - 1][0] != d]
+    # a b c | c b a | a b c: the design ending a round keeps its server into the next round
+    assert turns == list("abcbabc")
+    for i in range(0, len(cells), 4):  # a turn: that design's four cells of one repeat
+        assert len({(d, r) for d, _w, _c, r in cells[i : i + 4]}) == 1
+
+
+@pytest.mark.parametrize(("many", "quick"), [(True, False), (False, False), (False, True)])
+def test_compare_takes_its_order_from_the_backend(many: bool, quick: bool) -> None:
+    """A backend that holds many servers is swept interleaved; one that does not, in rounds —
+    or design by design in the quick compare (one server start per design); the steps count
+    through the same total either way (no server runs here)."""
 
     class Refusing(LocalBackend):
         holds_many_servers = many
@@ -169,14 +180,16 @@ def test_compare_takes_its_order_from_the_backend(many: bool) -> None:
         ["fork", "iterative"], workloads=["connect-per-request"], concurrency=[1, 2], repeats=2
     )
     steps: list[sweep.Step] = []
-    results = sweep.compare(Refusing, matrix, progress=steps.append)
-    order = sweep.INTERLEAVED if many else sweep.BY_DESIGN
+    results = sweep.compare(Refusing, matrix, progress=steps.append, quick=quick)
+    order = sweep.INTERLEAVED if many else sweep.BY_DESIGN if quick else sweep.ROUNDS
     assert results["order"] == order
     ran = [(r["design"], r["workload"], r["concurrency"], r["repeat"]) for r in results["runs"]]
     assert ran == sweep.sweep_order(matrix, order)
     assert [s.done for s in steps] == list(range(8)) and {s.total for s in steps} == {8}
     second = "iterative connect-per-request ×1" if many else "fork connect-per-request ×2"
     assert steps[1].what == f"{second} (repeat 1)"
+    if order == sweep.ROUNDS:  # the second round starts with the last design
+        assert steps[4].what == "iterative connect-per-request ×1 (repeat 2)"
 
 
 def test_a_local_sweep_interleaves_its_repeats_and_starts_each_server_once() -> None:

@@ -232,6 +232,7 @@ class Step:
 
 #: The sweep's orders (results.json ``order``; see :func:`sweep_order`).
 INTERLEAVED = "interleaved"
+ROUNDS = "rounds"
 BY_DESIGN = "by design"
 
 
@@ -248,13 +249,26 @@ def sweep_order(matrix: Matrix, order: str = INTERLEAVED) -> list[tuple[str, str
     C B A, A B C …): the claims compare a cell's designs across its repeats, so no design runs
     first, or right after the same neighbour, in every repeat of a cell.
 
-    :data:`BY_DESIGN` (a backend with one server at a time: the containers, where a switch
-    restarts the server and waits for its health): design by design, its repeats together, so
-    each server still starts once. A verdict then rests on consecutive repeats: drift between
-    one design's turn and the next does not show in either's spread, and only the control claim
-    (a design against its identical copy, run apart from it) shows whether it fooled the
-    judging."""
+    :data:`ROUNDS` (one server at a time — the containers, where a switch restarts the server
+    and waits for its health — in a full compare): one round of the designs per repeat, each
+    design's cells of that repeat together, the designs reversed on odd rounds. Each server
+    starts once per round, not once per sweep (a switch is seconds against a round's minutes),
+    so a design's repeats lie a round apart and drift shows in their spread, as interleaved.
+    (A full compare in the containers run design by design once told multi-accept and its
+    identical copy, run fifteen minutes apart, clearly apart in 5 of 6 comparisons.)
+
+    :data:`BY_DESIGN` (one server at a time, where the time budget allows one start per server:
+    ``make lab``'s quick compare): design by design, its repeats together. A verdict then rests
+    on consecutive repeats: drift between one design's turn and the next does not show in
+    either's spread, and only the control claim (a design against its identical copy, run
+    apart from it) shows whether it fooled the judging."""
     cells = [(w, c) for w in matrix.workloads for c in matrix.concurrency]
+    if order == ROUNDS:
+        rounds = []
+        for repeat in range(matrix.repeats):
+            names = matrix.designs if repeat % 2 == 0 else matrix.designs[::-1]
+            rounds += [(name, w, c, repeat) for name in names for w, c in cells]
+        return rounds
     if order == BY_DESIGN:
         return [
             (name, w, c, repeat)
@@ -286,10 +300,14 @@ def compare(
     cells = len(matrix.designs) * len(matrix.workloads) * len(matrix.concurrency)
     total = cells * matrix.repeats + _curve_steps(matrix) + _experiment_steps(matrix)
     done = 0
-    # Interleaved where every server can stay up at once (local processes); design by design
-    # where one server runs at a time (the containers: a switch restarts it and waits for its
-    # health), so each server still starts once — see sweep_order for what each means.
-    order = INTERLEAVED if getattr(backend, "holds_many_servers", False) else BY_DESIGN
+    # Interleaved where every server can stay up at once (local processes); where one server
+    # runs at a time (the containers: a switch restarts it and waits for its health) in rounds,
+    # a server start per design and repeat — or, in the quick compare, whose time budget has
+    # room for one start per design only, design by design. See sweep_order for what each means.
+    if getattr(backend, "holds_many_servers", False):
+        order = INTERLEAVED
+    else:
+        order = BY_DESIGN if quick else ROUNDS
     for name, workload, concurrency, repeat in sweep_order(matrix, order):
         what = f"{name} {workload} ×{concurrency} (repeat {repeat + 1})"
         progress(Step(done, total, what))

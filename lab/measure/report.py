@@ -886,9 +886,16 @@ def _variant_lines(designs: Sequence[str]) -> list[str]:
 def _order_text(results: Mapping[str, Any]) -> str:
     """How the sweep ordered its repeats, and what that means for the verdicts (a run from
     before results kept ``order`` ran design by design)."""
-    from lab.measure.compare import BY_DESIGN, INTERLEAVED
+    from lab.measure.compare import BY_DESIGN, INTERLEAVED, ROUNDS
 
     order = results.get("order", BY_DESIGN)
+    if order == ROUNDS:
+        return (
+            "**in rounds** (one round of every design per repeat, reversed on odd rounds, the "
+            "server restarted for each design's turn): a design's repeats lie a round apart, "
+            "so a machine that drifted during the run widens each cell's spread rather than "
+            "passing for a difference between designs"
+        )
     if order == INTERLEAVED:
         return (
             "**repeats interleaved** (repeat 1 of every design, then repeat 2 …, every server "
