@@ -49,12 +49,20 @@ $(CPEER): $(CPEER_SRC) | host-tools
 
 # Two pytest workers (pytest-xdist): the Docker tests run in one group, on one worker, in file
 # order (one image build, no two labs fighting over the engine), while the other worker takes
-# the loopback tests; most of either waits on processes and containers, not the CPU.
-# TEST_WORKERS=0 runs everything in this process, in order.
+# the loopback tests, a file at a time; most of either waits on processes and containers, not
+# the CPU. Then the files that measure local servers under load (marked `measuring` in
+# tests/conftest.py) run on their own. TEST_WORKERS=0 runs everything in one process, in order.
 TEST_WORKERS ?= 2
 
 test: venv host-tools cpeer
-	$(PY) -m pytest $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup)
+ifeq ($(TEST_WORKERS),0)
+	$(PY) -m pytest
+else
+	status=0; \
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup -m "not measuring" || status=$$?; \
+	$(PY) -m pytest -m measuring || status=$$?; \
+	exit $$status
+endif
 
 lint: venv
 	$(VENV)/bin/ruff check lab tests

@@ -17,12 +17,28 @@ settings.load_profile("ci" if os.environ.get("CI") else "dev")
 INTEGRATION = Path(__file__).resolve().parent / "integration"
 
 
+# The files that measure local servers under load (sweeps, benches, many concurrent clients):
+# ``make test`` runs them after the rest, on their own, since beside an image build or another
+# worker's tests their servers' first connect()s timed out ("no answer within 5 s").
+MEASURING = frozenset(
+    {
+        "test_compare.py",
+        "test_bench.py",
+        "test_cpeers.py",
+        "test_distribution.py",
+        "test_user_server.py",
+    }
+)
+
+
 def pytest_itemcollected(item: pytest.Item) -> None:
     """``make test`` runs two pytest-xdist workers with ``--dist loadgroup``, which hands out
     whole groups: every Docker test is in one group (one worker runs them all in file order:
     one image build, no two labs racing for the engine), every other file is a group of its
     own (so no test of another file runs between two of a module that share a module-scoped
     fixture, which would tear it down and build it again)."""
+    if Path(item.path).name in MEASURING:
+        item.add_marker(pytest.mark.measuring)
     if not any(item.iter_markers("xdist_group")):
         inside = INTEGRATION in Path(item.path).resolve().parents
         item.add_marker(pytest.mark.xdist_group("docker" if inside else item.nodeid.split("::")[0]))
