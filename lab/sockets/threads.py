@@ -54,7 +54,7 @@ import threading
 import time
 from collections import deque
 
-from lab.sockets import signals
+from lab.sockets import services, signals
 from lab.sockets.config import ServerConfig
 from lab.sockets.log import Log
 from lab.sockets.respawn import Respawning
@@ -175,6 +175,9 @@ class ThreadServer(Respawning):
         self.states: list[ThreadServing] = []  # every serving state made, busy or not
         self.ended: deque[ThreadServing] = deque()  # threads that ended, for the main thread
         self.pool: set[ThreadServing] = set()  # pool threads running (the main thread's view)
+        # echo, or kv: a serving thread opens its own Store at its first connection and keeps
+        # it for its life (sqlite3 connections are not shared between threads).
+        self.service = services.for_config(config)
         self._next_key = 1
 
     def counter_slots(self) -> int:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import os
 
-from lab.sockets.echo import echo
 from lab.sockets.stats import SPAWN_FAILED
 from lab.sockets.threads import ThreadServer, ThreadServing, start_thread
 
@@ -113,7 +112,7 @@ class ThreadPerConnectionServer(ThreadServer):
         slot.received()  # what its death would cost
         if state.tracing:
             state.log.trace(f"thread {state.tid} serves the connection")
-        echo(fd, state)
+        self.service(fd, state)  # kv: this thread's own Store, so one per connection here
         os.close(fd)
         state.held = -1
 
