@@ -9,6 +9,8 @@ exit 2) and the echo still being the default. The protocol itself is tests/test_
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import socket
 import sqlite3
@@ -23,6 +25,7 @@ from harness import (
     ServerFactory,
     echo_once,
     processes_in_group,
+    wait_until,
 )
 from test_server_errors import RUNNERS, assert_one_error_line, run
 
@@ -150,6 +153,32 @@ def test_concurrent_incrs_lose_no_update(
     finally:
         reader.close()
     assert stored(db, "hits") == str(total)
+
+
+def test_a_thread_per_connection_closes_its_store_as_the_connection_ends(
+    start_server: ServerFactory, tmp_path: Path
+) -> None:
+    """The thread design opens a Store per connection; left to the thread's end, a sqlite3
+    connection waits for the cycle collector, holding its descriptors meanwhile."""
+    db = tmp_path / "kv.sqlite3"
+    server = start_server("thread", *kv_args("thread", db))
+    for _ in range(40):
+        client = Client(server.port)
+        assert re.fullmatch(rb"\d+", client.ask(b"INCR x"))
+        client.close()
+    reader = Client(server.port)
+    assert reader.ask(b"GET x") == b"40"
+    reader.close()
+
+    def open_on_db() -> int:
+        """The server's descriptors on the database's files (the db, -wal, -shm)."""
+        count = 0
+        for fd in Path(f"/proc/{server.pid}/fd").iterdir():
+            with contextlib.suppress(OSError):  # closed meanwhile
+                count += str(db) in os.readlink(fd)
+        return count
+
+    assert wait_until(lambda: open_on_db() == 0), f"{open_on_db()} descriptors on {db}"
 
 
 # --- bounded memory: a client that pipelines without reading ------------------------------------

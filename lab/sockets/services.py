@@ -21,9 +21,10 @@ connection a thread serves, and keeps it in a ``threading.local`` for the life o
 once per process for the process designs (the process that serves — the fork child, the pool
 worker, the iterative server), once per thread for the thread designs (a pool thread keeps its
 Store; the ``thread`` design's thread lives for one connection, so there it is one Store per
-connection). The parents never open one after :func:`prepare`, which runs (and closes) before
-any worker exists; a child forked by a thread that held a Store forgets it (``register_at_fork``)
-without closing it — closing could checkpoint or remove the WAL under the parent.
+connection, closed as the connection ends). The parents never open one after :func:`prepare`,
+which runs (and closes) before any worker exists; a child forked by a thread that held a Store
+forgets it (``register_at_fork``) without closing it — closing could checkpoint or remove the
+WAL under the parent.
 """
 
 from __future__ import annotations
@@ -45,10 +46,15 @@ if TYPE_CHECKING:
     Service = Callable[[int, Serving], str]
 
 
-def for_config(config: ServerConfig) -> Service:
-    """The function that serves one connection of this server: ``echo`` itself, or kv's."""
+def for_config(config: ServerConfig, thread_per_connection: bool = False) -> Service:
+    """The function that serves one connection of this server: ``echo`` itself, or kv's.
+
+    ``thread_per_connection``: each thread serves one connection and ends (the ``thread``
+    design), so kv closes the thread's Store as the connection ends. Left to the thread's end,
+    it would be freed only by the cycle collector (a sqlite3 connection's statement cache
+    refers back to it), and its descriptors would linger meanwhile."""
     if config.service == "kv":
-        return serve_kv(config.db_path)
+        return serve_kv(config.db_path, close_after=thread_per_connection)
     return echo
 
 
@@ -85,8 +91,9 @@ def open_store(path: str) -> Store:
 _FIELD = stats.OUTCOME_FIELD
 
 
-def serve_kv(path: str) -> Service:
-    """The kv service on the file at ``path``: a function with echo's contract."""
+def serve_kv(path: str, close_after: bool = False) -> Service:
+    """The kv service on the file at ``path``: a function with echo's contract.
+    ``close_after``: close the thread's Store when each connection ends (see for_config)."""
     import sqlite3
     import threading
 
@@ -152,6 +159,9 @@ def serve_kv(path: str) -> Service:
                     serving.log.trace(f"socket error: {exc}")
             finally:
                 serving.current = -1
+                if close_after:
+                    local.store = None
+                    store.close()
             if tracing:
                 serving.log.trace(f"closing the connection: {outcome}")
         return _count(serving, outcome, bytes_in, bytes_out)

@@ -74,6 +74,8 @@ class ThreadPerConnectionServer(ThreadServer):
     def counter_slots(self) -> int:
         return self.config.max_threads + 1
 
+    thread_per_connection = True  # kv: a Store per connection, closed as it ends
+
     def start(self) -> None:
         # Serving states of threads that ended, ready for the next connection. list.append and
         # list.pop are atomic under the GIL: threads give back, the main thread takes.
@@ -112,7 +114,7 @@ class ThreadPerConnectionServer(ThreadServer):
         slot.received()  # what its death would cost
         if state.tracing:
             state.log.trace(f"thread {state.tid} serves the connection")
-        self.service(fd, state)  # kv: this thread's own Store, so one per connection here
+        self.service(fd, state)
         os.close(fd)
         state.held = -1
 
