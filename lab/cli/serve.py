@@ -17,7 +17,7 @@ from lab.sockets.config import ConfigError
 from lab.sockets.serve import configure
 
 COMMAND_SETTINGS: dict[str, Any] = {
-    "help": "Run one server design (the echo service). `lab serve --help` lists its options.",
+    "help": "Run one server design (the echo or kv service). `lab serve --help` lists its options.",
     "add_help_option": False,
     "context_settings": {"allow_extra_args": True, "ignore_unknown_options": True},
 }

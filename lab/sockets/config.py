@@ -20,6 +20,8 @@ if TYPE_CHECKING:
 
 DEFAULT_PORT = 12345  # the original chapter's SERVER_PORT
 MAX_POOL = 1024  # upper bound on --workers/--max-workers/--max-children (and the pids limit)
+SERVICES = ("echo", "kv")  # --service: lab.sockets.services serves them
+DEFAULT_DB = "lab-kv.sqlite3"  # --service kv without --db: this file in the current directory
 
 
 class ConfigError(Exception):
@@ -69,6 +71,8 @@ OPTIONS = (
     Option("grace", "float", 10.0, "on SIGTERM/SIGINT, seconds in-flight connections may finish"),
     Option("trace", "bool", False, "log every socket call, as the original programs do"),
     Option("health_port", "int", 0, "answer health probes on this port, counted apart (0 = off)"),
+    Option("service", "str", "echo", "what a connection gets: echo, or kv (docs/kv.md)"),
+    Option("db", "str?", None, f"kv: the SQLite file (default ./{DEFAULT_DB}, created if missing)"),
 )
 
 
@@ -93,6 +97,8 @@ class ServerConfig:
     grace: float
     trace: bool
     health_port: int
+    service: str
+    db: str | None
 
     def __init__(self, **values: Any) -> None:
         unknown = set(values) - set(self.__slots__)
@@ -128,6 +134,12 @@ class ServerConfig:
         if self.max_workers is not None:
             return self.max_workers
         return min(MAX_POOL, 4 * self.pool_size)
+
+    @property
+    def db_path(self) -> str:
+        """--db (or the default) as an absolute path: a worker program started elsewhere, or a
+        process that changes directory, still opens the same file."""
+        return os.path.abspath(self.db if self.db is not None else DEFAULT_DB)
 
     def worker_argv(self) -> list[str] | None:
         """``--worker-cmd`` as argv, its program resolved on PATH once (not per spawn)."""
@@ -173,6 +185,14 @@ class ServerConfig:
             raise ConfigError("--grace: give a number of seconds, 0 or more")
         if self.connections < 0:
             raise ConfigError("--connections: give 0 (serve until stopped) or a positive count")
+        if self.service not in SERVICES:
+            raise ConfigError(f"--service {self.service!r}: choose {' or '.join(SERVICES)}")
+        if self.db is not None and self.service != "kv":
+            raise ConfigError(
+                "--db applies only to --service kv: add --service kv, or drop --db / LAB_DB"
+            )
+        if self.db == "":
+            raise ConfigError("--db: give the path of the SQLite file")
 
 
 def _which(program: str) -> str | None:
@@ -229,7 +249,9 @@ def build_parser(prog: str = "lab serve") -> argparse.ArgumentParser:
 
     parser = _OneLineParser(
         prog=prog,
-        description="Run one server design (echo service). Every option also reads LAB_<NAME>.",
+        description=(
+            "Run one server design (echo or kv service). Every option also reads LAB_<NAME>."
+        ),
     )
     for option in OPTIONS:
         flag = "--" + _flag(option.name)

@@ -333,3 +333,51 @@ _COMMANDS: dict[bytes, Callable[[Store, list[bytes]], bytes]] = {
     b"DEL": _del,
     b"SCAN": _scan,
 }
+
+
+FEED_CHUNK = 256  # bytes of requests fed to the protocol at a time by a KvSession
+REPLY_BATCH = 64 * 1024  # a KvSession's replies are handed out in batches of about this much
+
+
+class KvSession:
+    """A :class:`KvProtocol` with bounded output, for a server that reads a buffer at a time.
+
+    One read can hold thousands of pipelined commands, and a reply can be far longer than its
+    request (a 12-byte ``SCAN a 1000`` answers up to ~251 KB), so the replies to a whole 64 KiB
+    read are not bounded by the read. :meth:`receive` takes what was read and feeds it
+    ``FEED_CHUNK`` bytes at a time, stopping once about ``REPLY_BATCH`` bytes of replies are
+    made; the rest of the input waits in :attr:`unfed` until the caller has sent that batch and
+    asks for :meth:`more`. A server reads again only when nothing is unfed, so what it holds per
+    connection is one read plus one batch (plus at most one chunk's replies beyond it). A small
+    read, the usual case, is fed whole in one call."""
+
+    __slots__ = ("_pos", "protocol", "unfed")
+
+    def __init__(self, store: Store) -> None:
+        self.protocol = KvProtocol(store)
+        self.unfed = b""  # received, not yet fed (true while a batch is being sent)
+        self._pos = 0
+
+    def receive(self, data: bytes) -> bytes:
+        """The first batch of replies to ``data`` (b"" for none); call only when not unfed."""
+        if len(data) <= FEED_CHUNK:
+            return self.protocol.feed(data)
+        self.unfed, self._pos = data, 0
+        return self.more()
+
+    def more(self) -> bytes:
+        """The next batch of replies to what is unfed (b"" when it completed no line)."""
+        data, pos, feed = self.unfed, self._pos, self.protocol.feed
+        replies: list[bytes] = []
+        size = 0
+        while pos < len(data) and size < REPLY_BATCH:
+            reply = feed(data[pos : pos + FEED_CHUNK])
+            pos += FEED_CHUNK
+            if reply:
+                replies.append(reply)
+                size += len(reply)
+        if pos >= len(data):
+            self.unfed, self._pos = b"", 0
+        else:
+            self._pos = pos
+        return b"".join(replies)

@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from lab.sockets.base import EXIT_BIND, EXIT_FATAL, EXIT_USAGE, BindError
 from lab.sockets.config import ConfigError, ServerConfig, parse
 from lab.sockets.designs import DESIGNS
+from lab.sockets.services import prepare
 
 
 def configure(argv: Sequence[str], environ: Mapping[str, str]) -> ServerConfig:
@@ -26,6 +27,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
     try:
         config = configure(args, os.environ)
+        prepare(config)  # the kv database, made before any worker exists (lab.sockets.services)
     except ConfigError as exc:
         print(f"lab serve: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

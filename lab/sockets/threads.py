@@ -54,7 +54,7 @@ import threading
 import time
 from collections import deque
 
-from lab.sockets import signals
+from lab.sockets import services, signals
 from lab.sockets.config import ServerConfig
 from lab.sockets.log import Log
 from lab.sockets.respawn import Respawning
@@ -162,6 +162,9 @@ class ThreadServer(Respawning):
     pool_of: ClassVar[str | None] = "threads"
     per_worker_stats = True
     family = "prefork"
+    # Whether each serving thread serves one connection and ends (kv then closes its Store as
+    # the connection ends: lab.sockets.services.for_config).
+    thread_per_connection: ClassVar[bool] = False
     # A thread that keeps raising at once is replaced after a delay (lab.sockets.respawn).
     # After the grace period's shutdown()s: how long the threads get to return from the echo
     # and count what they held (they return at once; this only bounds a thread that hangs).
@@ -175,6 +178,9 @@ class ThreadServer(Respawning):
         self.states: list[ThreadServing] = []  # every serving state made, busy or not
         self.ended: deque[ThreadServing] = deque()  # threads that ended, for the main thread
         self.pool: set[ThreadServing] = set()  # pool threads running (the main thread's view)
+        # echo, or kv: a serving thread opens its own Store at its first connection and keeps
+        # it for its life (sqlite3 connections are not shared between threads).
+        self.service = services.for_config(config, self.thread_per_connection)
         self._next_key = 1
 
     def counter_slots(self) -> int:

@@ -54,6 +54,18 @@ timeout for each loop iteration that has callbacks ready (the task's steps). Wit
 message is ``epoll_pwait``, ``read``, ``write``, and a connection 17. In CPU the loop's own
 Python (``_run_once``, the transport's read and write paths, a task per connection) is what
 ``select`` saves; uvloop does those parts in C.
+
+**--service kv**: each connection is a :class:`KvConnectionProtocol` (the echo's protocol is
+untouched) that feeds what comes to its :class:`~lab.sockets.kv.KvSession` and writes the
+replies, with the echo's bound: when the transport holds unsent replies, reading pauses, and
+input beyond a batch of replies waits in the session until they are sent. The process's one
+Store is opened in :meth:`AsyncioServer.start`. The SQLite calls run in the loop's thread and
+**block the loop** while a command waits for the disk or the write lock, as in ``select``. Not
+the default executor, on purpose: the commands of one connection must stay in order (one at a
+time per connection, so a queue per connection), each executor thread would need its own Store
+(sqlite3 connections are per thread), and one process's writes take turns on SQLite's one write
+lock anyway — the executor would add a thread hop and a future per command for little overlap
+beyond reads. Blocking is this design's honest cost, and simple to reason about.
 """
 
 from __future__ import annotations
@@ -64,7 +76,7 @@ import signal
 import socket
 import time
 
-from lab.sockets import stats
+from lab.sockets import services, stats
 from lab.sockets.base import Server
 from lab.sockets.config import ConfigError, ServerConfig
 from lab.sockets.echo import outcome_of
@@ -75,6 +87,8 @@ from lab.sockets.serving import BUFFER_SIZE
 TYPE_CHECKING = False  # typing is not imported at run time (see lab.sockets.base)
 if TYPE_CHECKING:
     from typing import Any, ClassVar
+
+    from lab.sockets.kv import KvSession, Store
 
 LOOPS = ("asyncio", "uvloop")
 
@@ -157,6 +171,60 @@ class EchoProtocol(asyncio.BufferedProtocol):
             self.transport.abort()
 
 
+class KvConnectionProtocol(EchoProtocol):
+    """One kv connection: run what comes, write the replies; while the transport holds unsent
+    replies, do not read, and leave input beyond a batch of replies in the session."""
+
+    __slots__ = ("session", "writing_paused", "written")
+
+    def __init__(self, server: AsyncioServer, session: KvSession) -> None:
+        super().__init__(server)
+        self.session = session
+        self.written = 0  # bytes handed to the transport (sent: written - held at the end)
+        self.writing_paused = False
+
+    def buffer_updated(self, nbytes: int) -> None:
+        server = self.server
+        self.bytes_in += nbytes
+        self.seen = server.wheel.now
+        data = bytes(server.view[:nbytes])  # the buffer is every connection's
+        if server.tracing:
+            server.log.trace(f"The message from client: {printable(data)}")
+        # The SQLite statements run here, in the loop's thread (see the module docstring).
+        self.write(self.session.receive(data))
+
+    def write(self, replies: bytes) -> None:
+        """Write replies, then the session's next batches until the transport holds some."""
+        session = self.session
+        while True:
+            if replies:
+                self.written += len(replies)
+                self.transport.write(replies)  # pause_writing() here when not all was sent
+                if self.server.tracing and not self.writing_paused:
+                    self.server.log.trace(f"send() is OK: {printable(replies)}")
+            if self.writing_paused or not session.unfed or self.transport is None:
+                return
+            replies = session.more()
+
+    def pause_writing(self) -> None:
+        self.writing_paused = True
+        self.held = self.transport.get_write_buffer_size()
+        self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        self.held = 0
+        self.seen = self.server.wheel.now
+        if self.session.unfed:
+            self.write(b"")
+        if not self.writing_paused and self.transport is not None:
+            self.transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        # held: what the transport still had when writing paused (or when end() aborted it)
+        self.server.closed(self, exc, self.written - self.held)
+
+
 class AsyncioServer(Server):
     name = "asyncio"
     summary = "one process, asyncio protocols on its event loop (epoll); --loop uvloop: libuv's"
@@ -216,7 +284,13 @@ class AsyncioServer(Server):
         self.cut_at: float | None = None
         self.listening = False
         self.shed_seen = 0
-        self.protocol = lambda: EchoProtocol(self)
+        self.protocol: Any = lambda: EchoProtocol(self)
+        self.store: Store | None = None
+        if self.config.service == "kv":
+            from lab.sockets.kv import KvSession
+
+            store = self.store = services.open_store(self.config.db_path)
+            self.protocol = lambda: KvConnectionProtocol(self, KvSession(store))
         self.new_buffer()
 
     def new_buffer(self) -> None:
@@ -243,6 +317,8 @@ class AsyncioServer(Server):
                 self._listen(False)
                 self.listener.close()
             loop.close()
+            if self.store is not None:
+                self.store.close()
 
     def _own_wakeup_fd(self) -> None:
         """uvloop took the wake-up fd for its own self-pipe as it started: ours again, so a
@@ -314,7 +390,10 @@ class AsyncioServer(Server):
         if self.cut_at is not None and time.monotonic() >= self.cut_at:
             protocol.end(stats.STOPPED)  # accepted before the deadline, made after it
 
-    def closed(self, protocol: EchoProtocol, exc: Exception | None) -> None:
+    def closed(
+        self, protocol: EchoProtocol, exc: Exception | None, sent: int | None = None
+    ) -> None:
+        """The connection ended; ``sent``: the bytes sent (None: the echo's, in - held)."""
         outcome = protocol.outcome or outcome_of(exc)
         if self.tracing:
             if outcome == stats.COMPLETED:
@@ -327,7 +406,9 @@ class AsyncioServer(Server):
                 self.log.trace(f"closing the connection: {outcome}")
         self.conns.discard(protocol)
         self.wheel.remove(protocol)
-        self.slot.ended(outcome, protocol.bytes_in, protocol.bytes_in - protocol.held)
+        if sent is None:
+            sent = protocol.bytes_in - protocol.held
+        self.slot.ended(outcome, protocol.bytes_in, sent)
         protocol.transport = None
         self.check_done()
 

@@ -23,8 +23,7 @@ import gc
 import os
 import signal
 
-from lab.sockets import process
-from lab.sockets.echo import echo
+from lab.sockets import process, services
 from lab.sockets.serving import Serving
 from lab.sockets.stats import SPAWN_FAILED
 from lab.sockets.supervise import ChildProcesses
@@ -74,6 +73,9 @@ class ForkServer(ChildProcesses):
         # One Serving (and its 64 KiB buffer) made here, before any fork: each child uses its
         # copy, so a child allocates nothing and dirties only the pages it writes.
         self.template = Serving(self.config, self.log, self.counters.assign())
+        # kv: each child opens its own Store at its connection (never the parent's: a sqlite3
+        # connection must not cross fork()), so a kv connection also pays that open.
+        self.service = services.for_config(self.config)
         # Objects that exist now never need the cycle collector again: gc.freeze() keeps a
         # collection in a child from touching (and so copying) every page of the parent's heap.
         gc.freeze()
@@ -99,12 +101,12 @@ class ForkServer(ChildProcesses):
     def process_request(self, fd: int) -> None:
         slot = self.counters.assign()
         slot.received()  # its one connection: what its death would cost
-        serving = self.template
+        serving, serve = self.template, self.service
 
         def child() -> int:
             serving.slot = slot
             serving.own_signals()  # SIGTERM: finish within --grace; SIGALRM: cut
-            echo(fd, serving)
+            serve(fd, serving)
             return process.EXIT_OK
 
         try:

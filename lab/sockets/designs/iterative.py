@@ -30,9 +30,8 @@ import signal
 import threading
 import time
 
-from lab.sockets import signals
+from lab.sockets import services, signals
 from lab.sockets.base import Server
-from lab.sockets.echo import echo
 from lab.sockets.serving import Serving
 
 TYPE_CHECKING = False  # typing is not imported at run time (see lab.sockets.base)
@@ -70,6 +69,7 @@ class IterativeServer(Server):
             repeat_cuts=True,
         )
         self.serving.on_usr1 = lambda: self.log.line_now(self.stats_line())
+        self.service = services.for_config(self.config)  # echo, or kv (its Store: lazily, here)
         # The signals now act at once (the echo blocks in recv); the wake-up pipe still ends
         # the poll() between connections.
         signals.set_owner(self.serving.on_signal)
@@ -102,7 +102,7 @@ class IterativeServer(Server):
     def run(self) -> None:
         # The loop a connection costs, kept flat: the raw accept() and the echo, each one call;
         # the Acceptor's errno policy and the wait for the next connection only off that path.
-        serving, acceptor = self.serving, self.acceptor
+        serving, acceptor, serve = self.serving, self.acceptor, self.service
         accept = self.listener._accept  # type: ignore[attr-defined]
         accepted, close = self.slot.accepted, os.close
         tracing = self.log.tracing
@@ -128,7 +128,7 @@ class IterativeServer(Server):
                 if tracing:
                     self.log.trace("accept() is OK")
             accepted()
-            echo(fd, serving)
+            serve(fd, serving)
             close(fd)
             if limit:
                 served += 1
@@ -166,5 +166,5 @@ class IterativeServer(Server):
 
     def serve(self, fd: int) -> None:
         self.slot.accepted()
-        echo(fd, self.serving)
+        self.service(fd, self.serving)
         os.close(fd)

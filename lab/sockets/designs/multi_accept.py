@@ -57,11 +57,10 @@ import signal
 import socket
 import time
 
-from lab.sockets import process, signals
+from lab.sockets import process, services, signals
 from lab.sockets.accept import Acceptor
 from lab.sockets.base import accept_queue_length
 from lab.sockets.config import ConfigError, ServerConfig
-from lab.sockets.echo import echo
 from lab.sockets.log import Log
 from lab.sockets.pool import PoolServer
 from lab.sockets.serving import Serving, adopt_lost, lowest_free_fd
@@ -312,6 +311,8 @@ class AcceptWorker:
         # SIGTERM: stop after this connection (SIGINT stays with the parent: Ctrl-C reaches
         # the whole process group, and the parent coordinates the stop).
         self.serving = Serving(config, log, slot, stop_signals=(signal.SIGTERM,))
+        # echo, or kv: the worker (a forked process) opens its Store at its first connection
+        self.service = services.for_config(config)
 
     def run(self) -> int:
         serving = self.serving
@@ -346,7 +347,7 @@ class AcceptWorker:
         Between ``interruptible = True`` and ``False`` the stop handler may raise; the except
         clauses only store (no call, no backward jump: CPython runs a handler at neither), so
         it cannot raise again inside them."""
-        serving, accept, close = self.serving, self.accept_raw, os.close
+        serving, accept, close, serve = self.serving, self.accept_raw, os.close, self.service
         accepted, acceptor = self.slot.accepted, self.acceptor
         tracing = serving.tracing
         failure: OSError | None = None
@@ -378,7 +379,7 @@ class AcceptWorker:
             if tracing:
                 self.log.trace("accept() is OK")
             accepted()
-            echo(fd, serving)
+            serve(fd, serving)
             close(fd)
 
     def on_signal(self, signum: int) -> None:
@@ -460,5 +461,5 @@ class AcceptWorker:
     def serve(self, fd: int) -> None:
         slot = self.slot
         slot.accepted()
-        echo(fd, self.serving)
+        self.service(fd, self.serving)
         os.close(fd)

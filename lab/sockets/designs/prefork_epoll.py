@@ -53,6 +53,14 @@ when the first worker is not in ``epoll_wait`` at that moment, the wake-up goes 
 and the first, back in its wait, still finds the socket in its ready list (the "one or more" of
 ``EPOLLEXCLUSIVE``). Per message: an ``epoll_wait``, a ``readv``, a ``write``; no allocation of
 ours (the list ``epoll.poll`` returns is the standard library's).
+
+**--service kv**: each worker is a :class:`KvEpollWorker` (the echo's worker is untouched), which
+opens its own Store when it starts (after the fork: a sqlite3 connection must not cross one) and
+feeds what a connection sends to the connection's :class:`~lab.sockets.kv.KvSession`, with the
+echo's bound: while replies are unsent the connection is ``EPOLLOUT`` and not read. **Every
+SQLite call blocks the worker's loop**: while one command waits for the disk or for another
+worker's write lock (up to the busy timeout), none of that worker's other connections is served
+— the honest cost of blocking work in an event loop; the other workers go on.
 """
 
 from __future__ import annotations
@@ -64,7 +72,7 @@ import signal
 import socket
 import time
 
-from lab.sockets import process
+from lab.sockets import process, services
 from lab.sockets.accept import Acceptor
 from lab.sockets.config import ServerConfig
 from lab.sockets.designs.multi_accept import WorkersAcceptPool
@@ -75,7 +83,10 @@ from lab.sockets.stats import COMPLETED, ERROR, IDLE_TIMEOUT, RESET, STOPPED, Sl
 
 TYPE_CHECKING = False  # typing is not imported at run time (see lab.sockets.base)
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import ClassVar
+
+    from lab.sockets.kv import KvSession, Store
 
 IN, OUT = select.EPOLLIN, select.EPOLLOUT
 MAX_EVENTS = 64  # per epoll_wait: one call's array, allocated by the standard library
@@ -158,7 +169,8 @@ class PreforkEpollServer(WorkersAcceptPool):
     }
 
     def worker_main(self, slot: Slot) -> int:
-        return EpollWorker(self.listener, self.config, self.log, slot).run()
+        worker = KvEpollWorker if self.config.service == "kv" else EpollWorker
+        return worker(self.listener, self.config, self.log, slot).run()
 
 
 class Connection:
@@ -193,6 +205,7 @@ class EpollWorker:
         self.last = 0
         self.period = config.idle_timeout / TICKS
         self.connections: dict[int, Connection] = {}
+        self.connection: Callable[[int], Connection] = Connection
         self.listening = False
         self.paused = False  # out of descriptors: the listener is out of the set for a while
         self.stop_started = False
@@ -264,7 +277,7 @@ class EpollWorker:
             os.close(fd)
             self.slot.ended(ERROR, 0, 0)
             return True
-        self.connections[fd] = Connection(fd)
+        self.connections[fd] = self.connection(fd)
         return True
 
     # -- a connection ------------------------------------------------------------------------
@@ -364,3 +377,97 @@ class EpollWorker:
                     pass
                 self.watch_listener(False)
             self.listener.close()
+
+
+class KvConnection(Connection):
+    """A kv client of a worker's loop: its session (the protocol's state and unfed input)."""
+
+    __slots__ = ("session",)
+
+    def __init__(self, fd: int, session: KvSession) -> None:
+        super().__init__(fd)
+        self.session = session
+
+
+class KvEpollWorker(EpollWorker):
+    """A worker's loop serving the kv protocol (see the module docstring)."""
+
+    def __init__(self, listener: socket.socket, config: ServerConfig, log: Log, slot: Slot):
+        super().__init__(listener, config, log, slot)
+        self.db_path = config.db_path
+        self.store: Store | None = None
+
+    def run(self) -> int:
+        from lab.sockets.kv import KvSession
+
+        store = self.store = services.open_store(self.db_path)  # this worker's, after the fork
+        self.connection = lambda fd: KvConnection(fd, KvSession(store))
+        try:
+            return super().run()
+        finally:
+            store.close()
+
+    def on_readable(self, conn: Connection) -> None:
+        assert isinstance(conn, KvConnection)
+        try:
+            data = os.read(conn.fd, len(self.view))
+        except BlockingIOError:
+            return  # a stale event (the descriptor was reused in this batch)
+        except OSError as exc:
+            self.end(conn, outcome_of(exc))
+            return
+        if not data:
+            self.end(conn, COMPLETED)
+            return
+        conn.bytes_in += len(data)
+        conn.active = True
+        if self.tracing:
+            self.log.trace(f"The message from client: {printable(data)}")
+        # The SQLite statements run here and block this worker's loop (module docstring).
+        self.send(conn, conn.session.receive(data), writing=False)
+
+    def send(self, conn: KvConnection, replies: bytes, writing: bool) -> None:
+        """Send replies and the session's next batches; a short write keeps the rest and
+        makes the connection EPOLLOUT (``writing``: it is already)."""
+        session = conn.session
+        while True:
+            if replies:
+                try:
+                    sent = os.write(conn.fd, replies)
+                except BlockingIOError:
+                    sent = 0
+                except OSError as exc:
+                    self.end(conn, outcome_of(exc))
+                    return
+                conn.bytes_out += sent
+                if sent < len(replies):
+                    conn.pending = memoryview(replies)[sent:]
+                    if not writing:
+                        self.epoll.modify(conn.fd, OUT)
+                    return
+                if self.tracing:
+                    self.log.trace(f"send() is OK: {printable(replies)}")
+            if not session.unfed:
+                break
+            replies = session.more()
+        if writing:
+            self.epoll.modify(conn.fd, IN)
+
+    def on_writable(self, conn: Connection) -> None:
+        assert isinstance(conn, KvConnection)
+        pending = conn.pending
+        assert pending is not None
+        try:
+            sent = os.write(conn.fd, pending)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self.end(conn, outcome_of(exc))
+            return
+        conn.bytes_out += sent
+        conn.active = True
+        if sent < len(pending):
+            conn.pending = pending[sent:]
+            return
+        conn.pending = None
+        self.send(conn, b"", writing=True)  # the next batch, if input waits; then EPOLLIN

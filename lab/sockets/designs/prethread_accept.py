@@ -48,7 +48,6 @@ import time
 from lab.sockets.accept import Acceptor
 from lab.sockets.base import accept_queue_length
 from lab.sockets.config import ConfigError, ServerConfig
-from lab.sockets.echo import echo
 from lab.sockets.threads import ThreadServer, ThreadServing
 
 TYPE_CHECKING = False  # typing is not imported at run time (see lab.sockets.base)
@@ -112,7 +111,7 @@ class PrethreadAcceptServer(ThreadServer):
         """accept, serve the connection to its end, accept again — until the door is shut."""
         accept = self.shared._accept  # type: ignore[attr-defined]
         lock = self.accept_lock
-        slot, tracing = state.slot, state.tracing
+        slot, tracing, serve = state.slot, state.tracing, self.service
         while not state.cut:
             try:
                 if lock is None:
@@ -134,7 +133,7 @@ class PrethreadAcceptServer(ThreadServer):
             if tracing:
                 state.log.trace("accept() is OK")
             slot.accepted()
-            echo(fd, state)
+            serve(fd, state)
             os.close(fd)
             state.held = -1
 
@@ -150,7 +149,7 @@ class PrethreadAcceptServer(ThreadServer):
         if fd is not None:
             state.held = fd
             state.slot.accepted()
-            echo(fd, state)
+            self.service(fd, state)
             os.close(fd)
             state.held = -1
         elif pause > 0:

@@ -53,6 +53,16 @@ watching the listener for the back-off, so no spin); a stop shrinks the backlog
 (``close_the_door``), accepts what was queued, closes the listener, lets open connections finish
 and at the deadline closes what is left, counted ``stopped``. Statistics are stores into the
 process's slot of shared memory, as in every design.
+
+**--service kv** runs its own copy of the loop (:meth:`SelectServer.run_kv`; the echo's loop is
+untouched): a readable connection's bytes go to its :class:`~lab.sockets.kv.KvSession` and its
+replies are sent; an unsent rest makes the connection ``EPOLLOUT`` and the server stops reading
+it, and input beyond a batch of replies waits in the session until those are sent — the echo's
+bound, one read plus one batch of replies per connection. The process's one Store is opened in
+:meth:`start` (this process never forks). **Every SQLite call blocks the whole loop**: while a
+command waits for the disk (a commit's fsync) or for another process's write lock (up to the
+busy timeout, 5 s), no other connection is served. That is this design's honest cost for a
+service that does blocking work in its only thread; the pools and the threads do not pay it.
 """
 
 from __future__ import annotations
@@ -63,7 +73,7 @@ import signal
 import socket
 import time
 
-from lab.sockets import stats
+from lab.sockets import services, stats
 from lab.sockets.base import Server
 from lab.sockets.config import ConfigError, ServerConfig
 from lab.sockets.echo import outcome_of
@@ -75,6 +85,8 @@ TYPE_CHECKING = False  # typing is not imported at run time (see lab.sockets.bas
 if TYPE_CHECKING:
     from collections.abc import Callable
     from typing import ClassVar
+
+    from lab.sockets.kv import KvSession, Store
 
 MAX_EVENTS = 256  # ready descriptors taken per epoll_wait (the rest come with the next one)
 EPOLLIN, EPOLLOUT = select.EPOLLIN, select.EPOLLOUT
@@ -95,6 +107,24 @@ class Connection:
         self.pending: memoryview | None = None  # unsent echo; while set, we do not read
         self.seen = 0  # the idle wheel's tick of the last progress
         self.due = 0
+
+    def sent(self, unsent: int) -> int:
+        """Bytes sent to the client when it ends with ``unsent`` bytes pending."""
+        return self.bytes_in - unsent
+
+
+class KvConnection(Connection):
+    """A kv client: its session, and what was sent (replies are not the bytes received)."""
+
+    __slots__ = ("bytes_out", "session")
+
+    def __init__(self, sock: socket.socket, session: KvSession) -> None:
+        super().__init__(sock)
+        self.session = session
+        self.bytes_out = 0
+
+    def sent(self, unsent: int) -> int:
+        return self.bytes_out
 
 
 class SelectServer(Server):
@@ -151,12 +181,22 @@ class SelectServer(Server):
         self.shed_seen = 0  # the acceptor's shed count already put in our slot
         self.buffer = bytearray(BUFFER_SIZE)
         self.view = memoryview(self.buffer)
+        self.connection: Callable[[socket.socket], Connection] = Connection
+        self.store: Store | None = None
+        if self.config.service == "kv":
+            from lab.sockets.kv import KvSession
+
+            store = self.store = services.open_store(self.config.db_path)
+            self.connection = lambda sock: KvConnection(sock, KvSession(store))
 
     def ready_details(self) -> dict[str, object]:
         return {"loop": "epoll"}
 
     # -- the loop ----------------------------------------------------------------------
     def run(self) -> None:
+        if self.store is not None:
+            self.run_kv()
+            return
         epoll, conns, wheel = self.epoll, self.conns, self.wheel
         poll = epoll.poll
         signal_fd = self.signal_queue.fileno()
@@ -282,7 +322,7 @@ class SelectServer(Server):
             if self.tracing:
                 self.log.trace(f"socket error: {exc}")
             return
-        conn = Connection(sock)
+        conn = self.connection(sock)
         self.conns[fd] = conn
         self.wheel.add(conn)
         if not self.ticking:
@@ -334,7 +374,7 @@ class SelectServer(Server):
         self.wheel.remove(conn)
         unsent = len(conn.pending) if conn.pending is not None else 0
         conn.sock.close()  # also leaves the epoll set: the last reference to it is gone
-        self.slot.ended(outcome, conn.bytes_in, conn.bytes_in - unsent)
+        self.slot.ended(outcome, conn.bytes_in, conn.sent(unsent))
 
     # -- signals and stopping -----------------------------------------------------------
     def handle_alrm(self) -> None:
@@ -365,3 +405,119 @@ class SelectServer(Server):
             for conn in list(self.conns.values()):
                 self.end(conn, stats.STOPPED)
         return not self.conns
+
+    # -- --service kv ----------------------------------------------------------------------
+    def run_kv(self) -> None:
+        """:meth:`run`'s loop for the kv service: the same wake-ups, kv's read and write."""
+        epoll, conns = self.epoll, self.conns
+        poll = epoll.poll
+        signal_fd = self.signal_queue.fileno()
+        epoll.register(signal_fd, EPOLLIN)
+        health_fd = self.health.fileno() if self.health is not None else -1
+        if health_fd >= 0:
+            epoll.register(health_fd, EPOLLIN)
+        listener_fd = self.listener.fileno()
+        self._listen(True)
+        timeout = -1.0
+        try:
+            while True:
+                events = poll(timeout, MAX_EVENTS)
+                control = False
+                for fd, _mask in events:
+                    conn = conns.get(fd)
+                    if conn is None:
+                        control = True
+                        if fd == listener_fd:
+                            self.accept_batch()
+                        elif fd == signal_fd:
+                            self.on_signals()
+                        elif fd == health_fd:
+                            self.answer_health_probes()
+                        continue
+                    assert isinstance(conn, KvConnection)
+                    if conn.pending is not None:
+                        self.kv_flush(conn)
+                    else:
+                        self.kv_readable(conn)
+                if control or timeout != -1:
+                    if self.stopping and self.wind_down():
+                        break
+                    timeout = self.next_timeout()
+        finally:
+            if self.ticking:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+            epoll.close()
+            if self.listener.fileno() != -1:
+                self.listener.close()
+            if self.store is not None:
+                self.store.close()
+
+    def kv_readable(self, conn: KvConnection) -> None:
+        try:
+            data = conn.sock.recv(BUFFER_SIZE, DONTWAIT)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self.end(conn, outcome_of(exc), exc)
+            return
+        if not data:
+            self.end(conn, stats.COMPLETED)
+            return
+        conn.bytes_in += len(data)
+        conn.seen = self.wheel.now
+        if self.tracing:
+            self.log.trace(f"The message from client: {printable(data)}")
+        # The SQLite statements run here, in the loop's only thread (see the docstring).
+        self.kv_send(conn, conn.session.receive(data), writing=False)
+
+    def kv_send(self, conn: KvConnection, replies: bytes, writing: bool) -> None:
+        """Send replies, and the next batches while the session has input unfed; a short
+        write keeps the rest and makes the connection EPOLLOUT (not read until all is sent).
+        ``writing``: it is EPOLLOUT now."""
+        session = conn.session
+        while True:
+            if replies:
+                try:
+                    sent = conn.send(memoryview(replies), DONTWAIT)
+                except BlockingIOError:
+                    sent = 0
+                except OSError as exc:
+                    self.end(conn, outcome_of(exc), exc)
+                    return
+                conn.bytes_out += sent
+                if sent < len(replies):
+                    conn.pending = memoryview(replies)[sent:]
+                    if not writing:
+                        self._watch(conn, EPOLLOUT)
+                    return
+                if self.tracing:
+                    self.log.trace(f"send() is OK: {printable(replies)}")
+            if not session.unfed:
+                break
+            replies = session.more()
+        if writing:
+            self._watch(conn, EPOLLIN)
+
+    def kv_flush(self, conn: KvConnection) -> None:
+        pending = conn.pending
+        assert pending is not None
+        try:
+            sent = conn.send(pending, DONTWAIT)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self.end(conn, outcome_of(exc), exc)
+            return
+        conn.bytes_out += sent
+        conn.seen = self.wheel.now
+        if sent < len(pending):
+            conn.pending = pending[sent:]
+            return
+        conn.pending = None
+        self.kv_send(conn, b"", writing=True)  # the next batch, if input waits; then EPOLLIN
+
+    def _watch(self, conn: Connection, events: int) -> None:
+        try:
+            self.epoll.modify(conn.fd, events)
+        except OSError as exc:
+            self.end(conn, stats.ERROR, exc)

@@ -46,10 +46,9 @@ import struct
 import termios
 import time
 
-from lab.sockets import process
+from lab.sockets import process, services
 from lab.sockets.blocking import BlockingAccept
 from lab.sockets.config import ConfigError, ServerConfig
-from lab.sockets.echo import echo
 from lab.sockets.log import Log
 from lab.sockets.pool import PoolServer
 from lab.sockets.serving import Serving, set_timeouts
@@ -316,6 +315,8 @@ class DescriptorWorker:
         self.slot = slot
         self.extra = extra  # started above --workers: retires after --worker-idle idle seconds
         self.serving = Serving(config, log, slot, stop_signals=())
+        # echo, or kv: the worker (a forked process) opens its Store at its first connection
+        self.service = services.for_config(config)
 
     def run(self) -> int:
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -324,6 +325,7 @@ class DescriptorWorker:
         # Per connection, flat: the counts are stores to this worker's slot (no method call),
         # and the one control message with one descriptor is unpacked in place.
         slot, recvmsg, serving, close = self.slot, self.channel.recvmsg, self.serving, os.close
+        serve = self.service
         cells, received, state = slot.cells, slot.base + RECEIVED, slot.base + STATE
         tracing = serving.tracing
         while True:
@@ -353,7 +355,7 @@ class DescriptorWorker:
             if tracing:
                 self.log.trace("recvmsg() is OK: got a connection")
             cells[state] = BUSY
-            echo(fd, serving)
+            serve(fd, serving)
             close(fd)
             cells[state] = IDLE
 

@@ -25,7 +25,7 @@ import socket
 import sys
 from pathlib import Path
 
-from lab.sockets.config import ServerConfig
+from lab.sockets.config import ConfigError, ServerConfig
 from lab.sockets.serving import set_timeouts
 from lab.sockets.signals import RESET_ON_EXEC
 from lab.sockets.stats import COMPLETED, ERROR, SPAWN_FAILED, STOPPED, WORKER_DIED, ReportPipe
@@ -74,6 +74,11 @@ class SpawnServer(ChildProcesses):
     def check_config(cls, config: ServerConfig) -> None:
         super().check_config(config)
         config.worker_argv()  # raises when the program is not on PATH
+        if config.worker_cmd is not None and config.service != "echo":
+            raise ConfigError(
+                f"--service {config.service} does not apply with --worker-cmd (the program "
+                "serves the connection): drop one of them"
+            )
 
     def start(self) -> None:
         custom = self.config.worker_argv()
@@ -93,6 +98,10 @@ class SpawnServer(ChildProcesses):
                 "--idle-timeout",
                 str(self.config.idle_timeout),
             ]
+            if self.config.service == "kv":
+                # The worker program opens the Store itself, one per connection (it serves one
+                # connection and exits: that start-up, now with sqlite3's, is the design).
+                self.argv += ["--kv", self.config.db_path]
             if self.config.trace:
                 self.argv.append("--trace")
             self.report = ReportPipe()

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import os
 
-from lab.sockets.echo import echo
 from lab.sockets.stats import SPAWN_FAILED
 from lab.sockets.threads import ThreadServer, ThreadServing, start_thread
 
@@ -75,6 +74,8 @@ class ThreadPerConnectionServer(ThreadServer):
     def counter_slots(self) -> int:
         return self.config.max_threads + 1
 
+    thread_per_connection = True  # kv: a Store per connection, closed as it ends
+
     def start(self) -> None:
         # Serving states of threads that ended, ready for the next connection. list.append and
         # list.pop are atomic under the GIL: threads give back, the main thread takes.
@@ -113,7 +114,7 @@ class ThreadPerConnectionServer(ThreadServer):
         slot.received()  # what its death would cost
         if state.tracing:
             state.log.trace(f"thread {state.tid} serves the connection")
-        echo(fd, state)
+        self.service(fd, state)
         os.close(fd)
         state.held = -1
 

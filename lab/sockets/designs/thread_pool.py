@@ -40,7 +40,6 @@ import contextlib
 import os
 import queue
 
-from lab.sockets.echo import echo
 from lab.sockets.stats import STOPPED
 from lab.sockets.threads import ThreadServer, ThreadServing
 
@@ -103,7 +102,7 @@ class ThreadPoolServer(ThreadServer):
     def thread_main(self, state: ThreadServing) -> None:
         """Take a descriptor, serve the connection to its end, take the next — until STOP."""
         get = self.handoff.get
-        slot, tracing = state.slot, state.tracing
+        slot, tracing, serve = state.slot, state.tracing, self.service
         while True:
             fd = get()
             if fd is None:
@@ -114,7 +113,7 @@ class ThreadPoolServer(ThreadServer):
                 self.wake.wake()
             if tracing:
                 state.log.trace("got a connection from the queue")
-            echo(fd, state)
+            serve(fd, state)
             os.close(fd)
             state.held = -1
 
