@@ -135,7 +135,9 @@ def all_servers() -> list[str]:
 
 #: What `make lab`'s quick compare runs: the chapter's four designs, fork, spawn with cat, one
 #: thread design (``thread``: set against ``fork`` by "threads are cheaper than processes"), one
-#: event loop (``select``), and the C peers of their families (the ×C ceilings).
+#: event loop (``select``), the control (``multi-accept#2``, last, so that it runs apart from
+#: ``multi-accept``: without it the control claim had nothing to judge and could not fail), and
+#: the C peers of their families (the ×C ceilings).
 QUICK_DESIGNS = (
     "iterative",
     "spawn",
@@ -145,6 +147,7 @@ QUICK_DESIGNS = (
     "spawn+cat",
     "thread",
     "select",
+    "multi-accept#2",
 )
 
 
