@@ -18,8 +18,9 @@ INTEGRATION = Path(__file__).resolve().parent / "integration"
 
 
 # The files that measure local servers under load (sweeps, benches, many concurrent clients):
-# ``make test`` runs them after the rest, on their own, since beside an image build or another
-# worker's tests their servers' first connect()s timed out ("no answer within 5 s").
+# ``make test`` runs them first, on their own: beside an image build or another worker's tests,
+# or after the rest's connections, their servers' first connect()s sometimes timed out ("no
+# answer within 5 s"; not understood yet).
 MEASURING = frozenset(
     {
         "test_compare.py",
