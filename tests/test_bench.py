@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 from lab.cli.app import app
 from lab.measure.bench import CpuTrace, LocalBackend, ServerSpec, bench
 from lab.measure.config import make_config
+from lab.measure.probe import Conntrack, local_conntrack
 from lab.sockets.designs import DESIGNS
 
 runner = CliRunner()
@@ -264,3 +265,44 @@ def test_a_local_server_listens_below_the_ephemeral_range() -> None:
         backend.stop()
     ports = {quiet_port() for _ in range(20)}
     assert all(1024 <= p < ephemeral_low() for p in ports) and len(ports) > 1  # spread, not one
+
+
+class _Tables(LocalBackend):
+    """A local backend whose connection-tracking readings are scripted: one per call, the last
+    repeated."""
+
+    def __init__(self, *readings: Conntrack) -> None:
+        super().__init__()
+        self.readings = list(readings)
+        self.reads = 0
+
+    def conntrack(self) -> list[Conntrack]:
+        self.reads += 1
+        return [self.readings.pop(0) if len(self.readings) > 1 else self.readings[0]]
+
+
+def test_a_bench_waits_for_room_in_a_full_conntrack_table_and_says_so(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A table with less room than a run needs drops the run's SYNs: wait until it has room."""
+    full, roomy = Conntrack(250_000, 262_144, 7), Conntrack(10_000, 262_144, 7)
+    backend = _Tables(full, full, roomy)
+    result = bench(backend, ServerSpec("multi-accept"), tiny_config()).to_dict()  # type: ignore[arg-type]
+    assert backend.reads == 4  # full, full, roomy — and once more after the run
+    assert result["server"]["conntrack_drops"] == 0
+    assert result["load"]["requests"] > 0
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if "connection-tracking" in x]
+    assert "250,000 of 262,144 entries" in line and "nf_conntrack_max" in line
+
+
+def test_a_bench_records_the_packets_a_full_conntrack_table_dropped_during_it() -> None:
+    before, after = Conntrack(1_000, 262_144, 5), Conntrack(2_000, 262_144, 12)
+    backend = _Tables(before, after)
+    result = bench(backend, ServerSpec("multi-accept"), tiny_config()).to_dict()  # type: ignore[arg-type]
+    assert result["server"]["conntrack_drops"] == 12 - 5
+
+
+def test_a_local_bench_reads_this_namespaces_conntrack_table() -> None:
+    """On loopback the loaders and the server share one namespace: its table, or none."""
+    tables, table = LocalBackend().conntrack(), local_conntrack()
+    assert [t.limit for t in tables] == ([table.limit] if table is not None else [])

@@ -100,6 +100,14 @@ def test_iterative_does_not_hold(overflows: int, errors: dict[str, int]) -> None
     assert claim(1, [run]).verdict == NOT_HOLDS
 
 
+def test_iterative_delays_from_a_full_conntrack_table_are_no_evidence() -> None:
+    """SYN retransmits caused by the firewall's table look like the backlog's: not judged."""
+    run = make_run("iterative", 16, overflows=9, latencies_us=SLOW, conntrack_drops=40)
+    c = claim(1, [run])
+    assert c.verdict == INCONCLUSIVE
+    assert "connection-tracking table was full (40 packets dropped)" in c.evidence
+
+
 def test_iterative_inconclusive_within_the_backlog() -> None:
     c = claim(1, [make_run("iterative", 4, overflows=2)], design("fork"))
     assert c.verdict == INCONCLUSIVE and "beyond the backlog" in c.evidence

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 from harness import wait_until
 
 from lab.measure import probe
@@ -126,3 +127,37 @@ def test_sampler_keeps_the_peak() -> None:
     with probe.Sampler(lambda: next(values, 1), interval=0.001) as sampler:
         assert wait_until(lambda: len(sampler.samples) >= 4)
     assert sampler.peak == 9
+
+
+CONNTRACK_STAT = (
+    "entries  clashres found new invalid ignore delete chainlength insert insert_failed drop "
+    "early_drop icmp_error  expect_new expect_create expect_delete search_restart\n"
+    "0002efff  00000000 00000000 00000000 00000000 00000000 00000000 00000000 00000000 00000000 "
+    "000000c2 00000000 00000000  00000000 00000000 00000000 00000000\n"
+    "0002efff  00000000 00000000 00000000 00000000 00000000 00000000 00000000 00000000 00000000 "
+    "000000cc 00000000 00000000  00000000 00000000 00000000 00000000\n"
+)
+
+
+def test_conntrack_is_read_as_hex_with_drops_summed_over_cpus() -> None:
+    table = probe.conntrack(CONNTRACK_STAT, "262144\n")
+    assert table == probe.Conntrack(entries=0x2EFFF, limit=262144, drops=0xC2 + 0xCC)
+    assert table.room == 262144 - 192511
+
+
+@pytest.mark.parametrize(("stat", "limit"), [(None, "262144"), (CONNTRACK_STAT, None), ("", "1")])
+def test_no_conntrack_table_reads_as_none(stat: str | None, limit: str | None) -> None:
+    assert probe.conntrack(stat, limit) is None
+
+
+def test_this_namespaces_conntrack_entries_match_the_kernels_own_count() -> None:
+    """Where the table is loaded, its entries agree with nf_conntrack_count (read another way;
+    connections closing meanwhile move it a little)."""
+    count = probe.local_file("/proc/sys/net/netfilter/nf_conntrack_count")
+    table = probe.local_conntrack()
+    if count is None:
+        assert table is None  # no conntrack module: no table either
+        return
+    assert table is not None
+    assert abs(table.entries - int(count)) <= 2000
+    assert table.limit == int(probe.local_file(probe.CONNTRACK_MAX) or 0)

@@ -52,6 +52,7 @@ def make_run(
     errors: dict[str, int] | None = None,
     loader_bound: bool = False,
     overflows: int = 0,
+    conntrack_drops: int = 0,
     shed: int = 0,
     per_worker: dict[str, int] | None = None,
     workers_alive: int | None = None,
@@ -96,6 +97,7 @@ def make_run(
         memory_peak_bytes=memory,
         memory_mean_bytes=memory * 0.9,
         listen_overflows=overflows,
+        conntrack_drops=conntrack_drops,
         stats=stats if not design.startswith("peer-") else {},
     )
     return {
@@ -332,6 +334,25 @@ def test_loader_bound_flagged_in_every_table(tmp_path: Path) -> None:
     for table in tables:
         rows = [line for line in table.splitlines() if line.startswith("| multi-accept")]
         assert rows and all("LOADER-BOUND" in row for row in rows)
+
+
+def test_a_cell_whose_packets_a_full_conntrack_table_dropped_is_flagged_and_not_compared(
+    tmp_path: Path,
+) -> None:
+    """Its SYNs waited on the firewall's table, not on the server: every table says so and the
+    claims do not use it (sendmsg's faster cell does not beat multi-accept's)."""
+    results = make_results(
+        [
+            make_run("multi-accept", 8, throughput=1000.0),
+            make_run("sendmsg", 8, throughput=5000.0, conntrack_drops=12),
+        ]
+    )
+    (cell,) = [c for c in aggregate(results) if c.design == "sendmsg"]
+    assert cell.conntrack_drops == 12 and cell.measured and not cell.usable
+    assert "connection-tracking table was full (12 packets dropped)" in cell.why_unusable()
+    text = render(results, tmp_path).read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| sendmsg")]
+    assert rows and all("CONNTRACK FULL: 12 dropped" in row for row in rows)
 
 
 @pytest.mark.parametrize("backend", ["local", "docker"])

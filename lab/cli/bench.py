@@ -93,6 +93,14 @@ def bench(
         typer.echo(json.dumps(result, indent=2))
     else:
         console.print(result_table([result]))
+    dropped = result["server"].get("conntrack_drops", 0)
+    if dropped:
+        typer.echo(
+            f"lab: the kernel dropped {dropped:,} packets of this run because its "
+            "connection-tracking table was full: the figures measure that table, not the server "
+            "— rerun after 2 minutes, or raise net.netfilter.nf_conntrack_max",
+            err=True,
+        )
 
 
 def _server_spec(

@@ -54,6 +54,11 @@ if TYPE_CHECKING:
 # local server has neither, so a backend may declare a shorter ``idle_window``.
 IDLE_WINDOW = 1.0
 CPU_SAMPLE = 0.05  # seconds between readings of the server's CPU during the run
+# Before a run, every connection-tracking table on its path (see probe.Conntrack) must have room
+# for this share of its limit — a run opens up to tens of thousands of connections, each held
+# 120 s after it closes — or the bench waits, up to CONNTRACK_WAIT, for old entries to expire.
+CONNTRACK_ROOM = 0.25
+CONNTRACK_WAIT = 130.0
 READY_TIMEOUT = 20.0
 STATS_TIMEOUT = 10.0
 SETTLE_TIMEOUT = 2.0  # how long after the load the server may take to see every connection end
@@ -97,6 +102,9 @@ class ServerCost:
     memory_peak_bytes: int = 0
     memory_mean_bytes: float = 0.0
     listen_overflows: int = 0
+    #: Packets the kernel dropped during the run because a connection-tracking table on the
+    #: path was full (see probe.Conntrack): a run with any measured the firewall, not the server.
+    conntrack_drops: int = 0
     stats: dict[str, Any] = field(default_factory=dict)  # the server's statistics delta
 
 
@@ -148,6 +156,10 @@ class Backend(Protocol):
 
     def listen_overflows(self) -> int: ...
 
+    def conntrack(self) -> list[probe.Conntrack]:
+        """The connection-tracking tables on the path between loaders and server (one per
+        network namespace that tracks; none where nothing does)."""
+
     def load(self, config: LoadConfig) -> LoadResult: ...
 
     def stop(self) -> None:
@@ -159,6 +171,7 @@ def bench(backend: Backend, server: ServerSpec, config: LoadConfig) -> BenchResu
     host, port = backend.start(server)
     try:
         config = _retarget(config, host, port)
+        tables = _room_for_a_run(backend)
         with CpuTrace(backend.cpu_seconds) as cpu:
             # The idle rate is measured under the same observation as the run (both samplers
             # running), so what observing costs the server is subtracted with it — once per
@@ -195,6 +208,7 @@ def bench(backend: Backend, server: ServerSpec, config: LoadConfig) -> BenchResu
             memory_peak_bytes=memory.peak,
             memory_mean_bytes=memory.mean,
             listen_overflows=backend.listen_overflows() - overflows,
+            conntrack_drops=_dropped(tables, backend.conntrack()),
             stats=probe.stats_delta(before, after) if before and after else {},
         )
         if result.requests:
@@ -203,6 +217,35 @@ def bench(backend: Backend, server: ServerSpec, config: LoadConfig) -> BenchResu
         return BenchResult(backend.name, server, result.to_dict(), cost)
     finally:
         backend.stop()
+
+
+def _room_for_a_run(backend: Backend) -> list[probe.Conntrack]:
+    """The path's connection-tracking tables once each has room for a run (after waiting up to
+    :data:`CONNTRACK_WAIT` for old entries to expire; a run that starts without room shows its
+    drops in ``conntrack_drops``)."""
+    deadline = time.monotonic() + CONNTRACK_WAIT
+    said = False
+    while True:
+        tables = backend.conntrack()
+        full = [t for t in tables if t.room < t.limit * CONNTRACK_ROOM]
+        if not full or time.monotonic() > deadline:
+            return tables
+        if not said:
+            said = True
+            print(
+                f"lab: waiting for room in the kernel's connection-tracking table "
+                f"({full[0].entries:,} of {full[0].limit:,} entries; a closed connection's "
+                "entry stays 120 s) — raise net.netfilter.nf_conntrack_max to wait less",
+                file=sys.stderr,
+            )
+        time.sleep(1.0)
+
+
+def _dropped(before: list[probe.Conntrack], after: list[probe.Conntrack]) -> int:
+    """Packets dropped for a full table between two readings of the same tables."""
+    if len(before) != len(after):
+        return 0
+    return sum(max(0, b.drops - a.drops) for a, b in zip(before, after, strict=True))
 
 
 def _settled_stats(backend: Backend) -> dict[str, Any] | None:
@@ -476,6 +519,10 @@ class LocalBackend:
 
     def listen_overflows(self) -> int:
         return probe.listen_overflows(probe.local_file("/proc/net/netstat") or "")
+
+    def conntrack(self) -> list[probe.Conntrack]:
+        table = probe.local_conntrack()  # loopback: loaders and server share this namespace
+        return [table] if table is not None else []
 
     def load(self, config: LoadConfig) -> LoadResult:
         if not self.pin:

@@ -226,12 +226,24 @@ def _iterative(cells: Sequence[Cell]) -> Claim:
         "p99/max latency, connect timeouts",
     )
     beyond = sorted(
-        (c for c in cells if c.design == "iterative" and c.concurrency > BACKLOG + 1 and c.runs),
+        # A full connection-tracking table delays SYNs too: such a cell is no evidence here.
+        (
+            c
+            for c in cells
+            if c.design == "iterative"
+            and c.concurrency > BACKLOG + 1
+            and c.runs
+            and not c.conntrack_drops
+        ),
         key=lambda c: (c.workload == CONNECT_PER_REQUEST, c.concurrency),
     )
     if not beyond:
+        dropped = [c.why_unusable() for c in cells if c.design == "iterative" and c.conntrack_drops]
         return Claim(
-            *claim, INCONCLUSIVE, f"no measured iterative run beyond the backlog ({BACKLOG})"
+            *claim,
+            INCONCLUSIVE,
+            f"no measured iterative run beyond the backlog ({BACKLOG})"
+            + (f" that the kernel's firewall left alone: {dropped[0]}" if dropped else ""),
         )
     refused, holding, overflowing, lines = [], [], [], []
     for cell in beyond:

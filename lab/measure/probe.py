@@ -216,6 +216,54 @@ def listen_overflows(netstat: str) -> int:
     return 0
 
 
+# -- the kernel's connection-tracking table ------------------------------------------------------
+@dataclass(frozen=True)
+class Conntrack:
+    """One network namespace's connection-tracking table (netfilter's ``nf_conntrack``).
+
+    Where a firewall or Docker's NAT loaded it, the kernel tracks *every* TCP connection —
+    loopback too — and keeps each entry for ``nf_conntrack_tcp_timeout_time_wait`` (120 s) after
+    the connection closed. A bench opens tens of thousands of connections a second, so it can
+    fill the table (``nf_conntrack_max``) within seconds; then the kernel drops new connections'
+    SYNs ("nf_conntrack: table full, dropping packet" in its log). The client retransmits its SYN
+    after 1 s, 3 s, 7 s: the run measures the firewall's table, not the design — a throughput
+    near 0 and connect delays that look like listen-queue overflows but are not counted as such.
+    ``drops`` (the table's own counter) tells such a run apart."""
+
+    entries: int  # connections tracked now
+    limit: int  # nf_conntrack_max: past it, new connections are dropped
+    drops: int  # packets dropped because the table was full, since boot
+
+    @property
+    def room(self) -> int:
+        return self.limit - self.entries
+
+
+def conntrack(stat: str | None, limit: str | None) -> Conntrack | None:
+    """The table from ``/proc/net/stat/nf_conntrack`` (a header, then one row of hexadecimal
+    counters per CPU; ``entries`` is the namespace's count, on every row) and
+    ``/proc/sys/net/netfilter/nf_conntrack_max``; None where nothing tracks connections."""
+    lines = (stat or "").split("\n")
+    header = lines[0].split()
+    rows = [line.split() for line in lines[1:] if line.strip()]
+    if "entries" not in header or "drop" not in header or not rows or not (limit or "").strip():
+        return None
+    entries, drop = header.index("entries"), header.index("drop")
+    return Conntrack(
+        entries=int(rows[0][entries], 16),
+        limit=int(str(limit).strip()),
+        drops=sum(int(row[drop], 16) for row in rows),
+    )
+
+
+def local_conntrack() -> Conntrack | None:
+    """This network namespace's table (None where nothing tracks connections)."""
+    return conntrack(local_file("/proc/net/stat/nf_conntrack"), local_file(CONNTRACK_MAX))
+
+
+CONNTRACK_MAX = "/proc/sys/net/netfilter/nf_conntrack_max"
+
+
 # -- the server's own statistics ------------------------------------------------------------------
 def stats_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
     """What happened between two statistics lines of one server: counters subtracted, failure

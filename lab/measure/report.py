@@ -131,6 +131,9 @@ class Cell:
     #: histograms merged (label → µs, plus "max" and "count").
     starved_wait: dict[str, int] = field(default_factory=dict)
     listen_overflows: int = 0
+    #: Packets dropped because a connection-tracking table was full (see probe.Conntrack):
+    #: a cell with any measured the kernel's firewall table, and is not compared.
+    conntrack_drops: int = 0
     shed: int = 0
     loader_bound: bool = False
     #: Connections served by each worker (pid → n), one dict per run that kept them.
@@ -150,8 +153,9 @@ class Cell:
 
     @property
     def usable(self) -> bool:
-        """Measured and not loader-bound: fit to compare against another cell."""
-        return self.measured and not self.loader_bound
+        """Measured, not loader-bound and no packet dropped by a full connection-tracking
+        table: fit to compare against another cell."""
+        return self.measured and not self.loader_bound and not self.conntrack_drops
 
     def why_unusable(self) -> str:
         if not self.runs:
@@ -161,6 +165,11 @@ class Cell:
             return f"{self.design} {self.workload} c={self.concurrency}: no request completed"
         if self.loader_bound:
             return f"{self.design} {self.workload} c={self.concurrency}: loader-bound"
+        if self.conntrack_drops:
+            return (
+                f"{self.design} {self.workload} c={self.concurrency}: the kernel's "
+                f"connection-tracking table was full ({self.conntrack_drops:,} packets dropped)"
+            )
         return ""
 
     def flags(self) -> list[str]:
@@ -178,6 +187,8 @@ class Cell:
             flags.append(f"shed {self.shed:,}")
         if self.listen_overflows:
             flags.append(f"overflows {self.listen_overflows:,}")
+        if self.conntrack_drops:
+            flags.append(f"CONNTRACK FULL: {self.conntrack_drops:,} dropped")
         if self.runs == 1:
             flags.append("single run")
         return flags
@@ -295,6 +306,7 @@ def _fill(cell: Cell, runs: Sequence[Mapping[str, Any]]) -> None:
     pools: list[int | None] = []
     for server in servers:
         cell.listen_overflows += _as_int(server.get("listen_overflows"))
+        cell.conntrack_drops += _as_int(server.get("conntrack_drops"))
         stats = server.get("stats") or {}
         cell.shed += _as_int(stats.get("shed"))
         per_worker = stats.get("per_worker") or {}

@@ -286,6 +286,14 @@ class DockerBackend:
     def listen_overflows(self) -> int:
         return probe.listen_overflows(self.reader().netstat())
 
+    def conntrack(self) -> list[probe.Conntrack]:
+        """The host's table (Docker's bridge sends the containers' packets through the host's
+        netfilter) and the server container's own (Docker's DNS rules load it there)."""
+        server = probe.conntrack(
+            self.reader().net_file("stat/nf_conntrack"), probe.local_file(probe.CONNTRACK_MAX)
+        )
+        return [t for t in (probe.local_conntrack(), server) if t is not None]
+
     def stop(self) -> None:
         """Nothing: the next run may reuse what runs (`close` ends a sweep)."""
 
