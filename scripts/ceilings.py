@@ -61,7 +61,12 @@ def measure(server: str, options: tuple[str, ...], workload: str, duration: floa
     result = bench(LocalBackend(), ServerSpec(server, options), config)
     assert result.load["errors_total"] == 0, result.load["errors"]
     per_message = result.cost.cpu_s_per_1000
-    assert per_message is not None, (server, workload, result.load["requests"], result.load["errors"])
+    assert per_message is not None, (
+        server,
+        workload,
+        result.load["requests"],
+        result.load["errors"],
+    )
     return per_message * 1000  # µs
 
 

@@ -16,7 +16,7 @@ from harness import ALL_DESIGNS, POOL_DESIGNS, wait_until
 from typer.testing import CliRunner
 
 from lab.cli.app import app
-from lab.measure.bench import CpuTrace, LocalBackend, ServerSpec, bench
+from lab.measure.bench import CpuTrace, LocalBackend, ServerSpec, bench, connections_at_most
 from lab.measure.config import make_config
 from lab.measure.probe import Conntrack, local_conntrack
 from lab.sockets.designs import DESIGNS
@@ -306,3 +306,31 @@ def test_a_local_bench_reads_this_namespaces_conntrack_table() -> None:
     """On loopback the loaders and the server share one namespace: its table, or none."""
     tables, table = LocalBackend().conntrack(), local_conntrack()
     assert [t.limit for t in tables] == ([table.limit] if table is not None else [])
+
+
+def test_a_run_that_fits_in_what_is_left_of_the_table_does_not_wait(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A tiny run needs a few thousand entries: a table three-quarters full has room for it."""
+    backend = _Tables(Conntrack(199_108, 262_144, 0))
+    bench(backend, ServerSpec("multi-accept"), tiny_config())  # type: ignore[arg-type]
+    assert backend.reads == 2  # once before the run, once after: no waiting
+    assert "connection-tracking" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("workload", ["connect-per-request", "persistent"])
+def test_the_connections_a_run_may_open_bound_what_the_server_accepted(workload: str) -> None:
+    """The bound the bench waits for is checked against the server's own count of accepts."""
+    extra = {"per_connection": 100} if workload == "persistent" else {}
+    config = tiny_config(workload=workload, **extra)
+    result = bench(LocalBackend(), ServerSpec("multi-accept"), config).to_dict()  # type: ignore[arg-type]
+    accepted = result["server"]["stats"]["accepted"]
+    assert 0 < accepted <= connections_at_most(config)  # type: ignore[arg-type]
+    if workload == "persistent":  # a hundred messages a connection: far fewer connections
+        assert (
+            connections_at_most(config)
+            < connections_at_most(  # type: ignore[arg-type]
+                tiny_config(workload="connect-per-request")  # type: ignore[arg-type]
+            )
+            / 4
+        )

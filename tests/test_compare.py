@@ -14,6 +14,10 @@ from lab.measure.claims import INCONCLUSIVE, evaluate
 from lab.measure.report import aggregate, cells_for, render
 from lab.sockets.designs import DESIGNS
 
+# The module's fixture is one whole sweep (every server, two workloads) that may wait for room in
+# the connection-tracking table: its first test carries it, beyond the suite's 120 s per test.
+pytestmark = pytest.mark.timeout(600)
+
 TINY = sweep.Matrix(
     sweep.all_servers(),  # every design, variant and peer
     workloads=["connect-per-request", "persistent"],

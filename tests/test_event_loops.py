@@ -220,6 +220,8 @@ def refused(port: int, accepted: list[int] | None = None) -> bool:
         socket.create_connection(("127.0.0.1", port), timeout=GUARD).close()
     except ConnectionRefusedError:
         return True
+    except ConnectionResetError:  # the listener closed mid-handshake: stopping, never accepted
+        return False
     if accepted is not None:
         accepted.append(1)
     return False

@@ -55,9 +55,15 @@ if TYPE_CHECKING:
 IDLE_WINDOW = 1.0
 CPU_SAMPLE = 0.05  # seconds between readings of the server's CPU during the run
 # Before a run, every connection-tracking table on its path (see probe.Conntrack) must have room
-# for this share of its limit — a run opens up to tens of thousands of connections, each held
-# 120 s after it closes — or the bench waits, up to CONNTRACK_WAIT, for old entries to expire.
-CONNTRACK_ROOM = 0.25
+# for the connections the run may open — each entry is held 120 s after its connection closes —
+# or the bench waits, up to CONNTRACK_WAIT, for old entries to expire. What a run may open is
+# bounded by its length times the ceilings below (above what any server here reaches on two
+# cores: the C peers open and close about 25,000 connections a second and echo about 150,000
+# messages), and the room asked for never exceeds CONNTRACK_ROOM of the table (a longer run
+# than that fits is flagged by its drops).
+CONNECTION_RATE_CEILING = 40_000.0
+MESSAGE_RATE_CEILING = 400_000.0
+CONNTRACK_ROOM = 0.5
 CONNTRACK_WAIT = 130.0
 READY_TIMEOUT = 20.0
 STATS_TIMEOUT = 10.0
@@ -171,7 +177,7 @@ def bench(backend: Backend, server: ServerSpec, config: LoadConfig) -> BenchResu
     host, port = backend.start(server)
     try:
         config = _retarget(config, host, port)
-        tables = _room_for_a_run(backend)
+        tables = _room_for_a_run(backend, connections_at_most(config))
         with CpuTrace(backend.cpu_seconds) as cpu:
             # The idle rate is measured under the same observation as the run (both samplers
             # running), so what observing costs the server is subtracted with it — once per
@@ -219,15 +225,24 @@ def bench(backend: Backend, server: ServerSpec, config: LoadConfig) -> BenchResu
         backend.stop()
 
 
-def _room_for_a_run(backend: Backend) -> list[probe.Conntrack]:
-    """The path's connection-tracking tables once each has room for a run (after waiting up to
-    :data:`CONNTRACK_WAIT` for old entries to expire; a run that starts without room shows its
-    drops in ``conntrack_drops``)."""
+def connections_at_most(config: LoadConfig) -> int:
+    """The most connections ``config`` can open: its length at the rate ceilings (or at its
+    open-loop rate), plus one per connection slot (each loader's last connections)."""
+    seconds = config.warmup + config.duration
+    messages = seconds * (config.rate or MESSAGE_RATE_CEILING)
+    connections = min(seconds * CONNECTION_RATE_CEILING, messages / config.per_connection)
+    return int(connections) + config.concurrency * config.processes
+
+
+def _room_for_a_run(backend: Backend, needed: int) -> list[probe.Conntrack]:
+    """The path's connection-tracking tables once each has room for ``needed`` entries (or
+    :data:`CONNTRACK_ROOM` of it, if less), after waiting up to :data:`CONNTRACK_WAIT` for old
+    entries to expire; a run that starts without room shows its drops in ``conntrack_drops``."""
     deadline = time.monotonic() + CONNTRACK_WAIT
     said = False
     while True:
         tables = backend.conntrack()
-        full = [t for t in tables if t.room < t.limit * CONNTRACK_ROOM]
+        full = [t for t in tables if t.room < min(needed, t.limit * CONNTRACK_ROOM)]
         if not full or time.monotonic() > deadline:
             return tables
         if not said:
