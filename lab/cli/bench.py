@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lab.cli.errors import user_errors
+from lab.cli.kvoptions import Distribution, Keys, Mix
 
 if TYPE_CHECKING:
     from lab.measure.bench import ServerSpec
@@ -32,14 +33,28 @@ def bench(
         typer.Option(help="a design, or a peer (peer-threading …)", envvar="LAB_DESIGN"),
     ] = "iterative",
     workload: Annotated[
-        str, typer.Option(help="connect-per-request or persistent")
+        str,
+        typer.Option(
+            help="connect-per-request, persistent, or kv (the design serves --service kv: "
+            "commands of --mix on a database, every acknowledged INCR checked at the end)"
+        ),
     ] = "connect-per-request",
     concurrency: Annotated[int, typer.Option(min=1, help="connections in flight, in all")] = 8,
     duration: Annotated[float, typer.Option(min=0.1, help="measured seconds")] = 5.0,
     warmup: Annotated[float, typer.Option(min=0.0, help="seconds before measuring")] = 1.0,
     size: Annotated[str, typer.Option(help="message size: 49, 1k, 64k …")] = "49",
     per_connection: Annotated[
-        int | None, typer.Option(help="persistent: messages per connection")
+        int | None, typer.Option(help="persistent, kv: messages per connection")
+    ] = None,
+    mix: Mix = None,
+    keys: Keys = None,
+    distribution: Distribution = None,
+    db: Annotated[
+        Path | None,
+        typer.Option(
+            help="kv with --local: the SQLite file the design serves (default: a new one, "
+            "removed afterwards); the containers keep theirs on the lab's data volume"
+        ),
     ] = None,
     rate: Annotated[
         float | None, typer.Option(help="open loop: requests per second, in all")
@@ -76,6 +91,8 @@ def bench(
     """Load one design (or peer, or your own server) and measure it: throughput, latency,
     server CPU and memory."""
     spec = _server_spec(ctx, design, workers, server_cmd, name, mount or [])
+    if db is not None:
+        spec = _with_database(spec, db, local)
     result = _bench(
         spec,
         workload,
@@ -88,6 +105,7 @@ def bench(
         processes,
         local,
         pin,
+        (mix, keys, distribution),
     )
     if as_json:
         typer.echo(json.dumps(result, indent=2))
@@ -101,6 +119,30 @@ def bench(
             "— rerun after 2 minutes, or raise net.netfilter.nf_conntrack_max",
             err=True,
         )
+    verdict = result.get("kv_check")
+    if verdict is not None:
+        from lab.measure.kvcheck import KvCheck
+
+        check = KvCheck(**verdict)
+        typer.echo(check.line, err=not check.ok)
+        if not check.ok:
+            raise typer.Exit(1)
+
+
+def _with_database(spec: ServerSpec, db: Path, local: bool) -> ServerSpec:
+    """The design with ``--db``: only a local design takes one (one line, exit 2 otherwise)."""
+    from dataclasses import replace
+
+    if not local:
+        problem = "the containers keep the database on the lab's data volume: drop --db"
+    elif spec.command or spec.peer:
+        problem = f"{spec.design} is not one of the lab's designs: --db is for those"
+    elif not db.parent.is_dir():
+        problem = f"--db {db}: no folder {db.parent} — create it, or choose another path"
+    else:
+        return replace(spec, options=(*spec.options, "--db", str(db)))
+    typer.echo(f"lab bench: error: {problem}", err=True)
+    raise typer.Exit(2)
 
 
 def _server_spec(
@@ -161,6 +203,7 @@ def _bench(
     processes: int | None,
     local: bool,
     pin: bool,
+    kv: tuple[str | None, int | None, str | None],
 ) -> dict[str, Any]:
     from lab.measure.bench import BenchError, LocalBackend, bench
     from lab.measure.config import make_config
@@ -179,6 +222,9 @@ def _bench(
                 duration=duration,
                 warmup=warmup,
                 processes=processes or (1 if local else None),
+                mix=kv[0],
+                keys=kv[1],
+                distribution=kv[2],
             )
             with console.status(f"benchmarking {spec.design}…"):
                 if local:

@@ -1,4 +1,4 @@
-"""``lab load HOST``: drive an echo server with many connections and measure it.
+"""``lab load HOST``: drive an echo (or kv) server with many connections and measure it.
 
 The work lives in :mod:`lab.measure`; this module turns options into a
 :class:`~lab.measure.config.LoadConfig`, runs it, and prints the summary (or ``--json``). Any
@@ -6,6 +6,7 @@ user error — a bad option, a target that is not allowed or not there — is on
 and a non-zero exit code:
 
 * 0 the run completed (its errors, if any, are in the report);
+* 9 kv: the run completed, but the server's counters disagree with the INCRs it acknowledged;
 * 1 a loader process failed; 2 bad option or target not allowed; 3 refused at start;
   4 no answer at start; 6 host not found; 8 other network error; 130 interrupted.
 """
@@ -17,6 +18,7 @@ from typing import Annotated
 
 import typer
 
+from lab.cli.kvoptions import Distribution, Keys, Mix
 from lab.measure import config as cfg
 from lab.measure.errors import LoadError
 
@@ -39,8 +41,9 @@ def load(
         typer.Option(
             "--workload",
             "-w",
-            help="connect-per-request (connect, one message, close) or persistent "
-            "(K messages per connection, then reconnect).",
+            help="connect-per-request (connect, one message, close), persistent "
+            "(K messages per connection, then reconnect), or kv (K commands of --mix per "
+            "connection, to a server run with --service kv).",
             envvar="LAB_LOAD_WORKLOAD",
         ),
     ] = cfg.CONNECT_PER_REQUEST,
@@ -49,7 +52,7 @@ def load(
         typer.Option(
             "--per-connection",
             "-k",
-            help=f"persistent: messages per connection (default {cfg.DEFAULT_PER_CONNECTION}).",
+            help=f"persistent, kv: messages per connection (default {cfg.DEFAULT_PER_CONNECTION}).",
             envvar="LAB_LOAD_PER_CONNECTION",
             show_default=False,
         ),
@@ -60,7 +63,7 @@ def load(
             "--size",
             "-s",
             help="Message size: bytes, or with a unit (1KiB, 64KiB). Random bytes, every echo "
-            "verified.",
+            "verified. kv: a SET's value size.",
             envvar="LAB_LOAD_SIZE",
         ),
     ] = str(cfg.DEFAULT_SIZE),
@@ -148,13 +151,17 @@ def load(
             envvar="LAB_TIMEOUT",
         ),
     ] = cfg.DEFAULT_TIMEOUT,
+    mix: Mix = None,
+    keys: Keys = None,
+    distribution: Distribution = None,
     as_json: Annotated[
         bool,
         typer.Option("--json", help="Print one JSON object (histograms encoded) instead."),
     ] = False,
 ) -> None:
-    """Load an echo server with many connections and measure latency, throughput, errors
-    and starved connections (exit 0 once the run completed; 2 bad option or target)."""
+    """Load an echo server (or a kv server: --workload kv) with many connections and measure
+    latency, throughput, errors and starved connections (exit 0 once the run completed; 2 bad
+    option or target; 9 kv counters that disagree with the acknowledged INCRs)."""
     code = _load(
         host,
         port=port,
@@ -170,6 +177,7 @@ def load(
         start_at=start_at,
         starve_after=starve_after,
         timeout=timeout,
+        kv=(mix, keys, distribution),
         as_json=as_json,
     )
     if code:
@@ -192,6 +200,7 @@ def _load(
     start_at: float | None,
     starve_after: float,
     timeout: float,
+    kv: tuple[str | None, int | None, str | None],
     as_json: bool,
 ) -> int:
     """Check the options, run, print; return the exit code."""
@@ -215,6 +224,9 @@ def _load(
             start_at=start_at,
             starve_after=starve_after,
             timeout=timeout,
+            mix=kv[0],
+            keys=kv[1],
+            distribution=kv[2],
         )
         result = run_load(config)
     except LoadError as exc:
@@ -223,9 +235,21 @@ def _load(
     except KeyboardInterrupt:
         typer.echo(f"{_PROG}: interrupted — nothing reported", err=True)
         return 130
+    verdict = None
+    if result.kv_incr is not None:  # the no-lost-update check, through the server
+        from lab.measure import kvcheck
+
+        indices = sorted(int(i) for i in result.kv_incr["counters"])
+        reading = kvcheck.read_through_server(config.host, config.port, config.tag, indices)
+        verdict = kvcheck.check(result.kv_incr, [reading])
     if as_json:
-        typer.echo(json.dumps(result.to_dict()))
+        data = result.to_dict()
+        if verdict is not None:
+            data["kv_check"] = verdict.to_dict()
+        typer.echo(json.dumps(data))
     else:
         for line in summary_lines(result):
             typer.echo(line)
-    return 0
+        if verdict is not None:
+            typer.echo(verdict.line)
+    return 9 if verdict is not None and not verdict.ok else 0

@@ -21,6 +21,11 @@ is CPU seconds per 1,000 messages â€” numerically CPU milliseconds per message â
 ``cpu_s_per_1000_connections`` the same per 1,000 connections of ``per_connection`` messages
 (equal to it for connect-per-request). The CPU of the whole load run, warm-up and drain
 included, is kept beside it as ``run_cpu_s`` (not divided by anything).
+
+**The kv workload** (``--workload kv``) runs the design with ``--service kv`` on a database the
+backend provides (:meth:`LocalBackend.kv_database`; a ``--db`` among the options is kept); a
+request is one command. After the run the counters its INCRs touched are read through the
+server and from the file and judged (:mod:`lab.measure.kvcheck`): ``kv_check`` in the result.
 """
 
 from __future__ import annotations
@@ -30,17 +35,19 @@ import itertools
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
-from lab.measure import probe
-from lab.measure.config import LoadConfig
+from lab.measure import kvcheck, probe
+from lab.measure.config import KV, LoadConfig
 from lab.measure.load import LoaderPool, run_load
 from lab.measure.peers import PEERS
 from lab.measure.ports import quiet_port
@@ -120,9 +127,10 @@ class BenchResult:
     server: ServerSpec
     load: dict[str, Any]  # LoadResult.to_dict()
     cost: ServerCost
+    kv_check: kvcheck.KvCheck | None = None  # the kv workload's no-lost-update verdict
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data = {
             "backend": self.backend,
             "design": self.server.design,
             "server_options": list(self.server.options),
@@ -130,6 +138,9 @@ class BenchResult:
             "load": self.load,
             "server": asdict(self.cost),
         }
+        if self.kv_check is not None:
+            data["kv_check"] = self.kv_check.to_dict()
+        return data
 
 
 def server_command(server: ServerSpec) -> dict[str, Any]:
@@ -174,6 +185,7 @@ class Backend(Protocol):
 
 def bench(backend: Backend, server: ServerSpec, config: LoadConfig) -> BenchResult:
     """Run ``config`` against ``server`` on ``backend``; the server is stopped at the end."""
+    server = serving(server, config, backend)
     host, port = backend.start(server)
     try:
         config = _retarget(config, host, port)
@@ -220,7 +232,10 @@ def bench(backend: Backend, server: ServerSpec, config: LoadConfig) -> BenchResu
         if result.requests:
             cost.cpu_s_per_1000 = cost.cpu_s / result.requests * 1000
             cost.cpu_s_per_1000_connections = cost.cpu_s_per_1000 * config.per_connection
-        return BenchResult(backend.name, server, result.to_dict(), cost)
+        verdict = None
+        if result.kv_incr is not None:
+            verdict = kvcheck.check(result.kv_incr, _kv_readings(backend, server, config, result))
+        return BenchResult(backend.name, server, result.to_dict(), cost, verdict)
     finally:
         backend.stop()
 
@@ -232,6 +247,56 @@ def connections_at_most(config: LoadConfig) -> int:
     messages = seconds * (config.rate or MESSAGE_RATE_CEILING)
     connections = min(seconds * CONNECTION_RATE_CEILING, messages / config.per_connection)
     return int(connections) + config.concurrency * config.processes
+
+
+def serving(server: ServerSpec, config: LoadConfig, backend: Backend) -> ServerSpec:
+    """The server as the workload needs it: the kv workload a design serving ``--service kv``
+    (on the backend's database unless the options name one), echo a design that echoes. A
+    user's server is taken as it is; a peer only echoes."""
+    if server.command:
+        return server
+    options = server.options
+    service = options[options.index("--service") + 1] if "--service" in options[:-1] else "echo"
+    if config.workload != KV:
+        if service != "echo":
+            raise BenchError(
+                f"the {config.workload} workload sends echoes, and --service {service} does not "
+                "echo: use --workload kv, or drop --service"
+            )
+        return server
+    if server.peer:
+        raise BenchError(
+            f"{server.design} only echoes: the kv workload needs one of the lab's designs"
+        )
+    if "--service" not in options:
+        options = (*options, "--service", "kv")
+    elif service != "kv":
+        raise BenchError(f"--service {service} does not speak kv: drop it for --workload kv")
+    if "--db" not in options:
+        database = getattr(backend, "kv_database", None)
+        if database is not None:
+            options = (*options, "--db", database())
+    return replace(server, options=tuple(options))
+
+
+def database_of(server: ServerSpec) -> str | None:
+    """The ``--db`` path among a design's options, if any."""
+    options = server.options
+    return options[options.index("--db") + 1] if "--db" in options[:-1] else None
+
+
+def _kv_readings(
+    backend: Backend, server: ServerSpec, config: LoadConfig, result: LoadResult
+) -> list[kvcheck.Reading]:
+    """The run's counters read through the server and from the database file (by the backend,
+    which knows how to reach both; a user's server is read through itself only)."""
+    assert result.kv_incr is not None
+    indices = sorted(int(i) for i in result.kv_incr["counters"])
+    read = getattr(backend, "kv_readings", None)
+    if read is not None:
+        readings: list[kvcheck.Reading] = read(server, config, indices)
+        return readings
+    return [kvcheck.read_through_server(config.host, config.port, config.tag, indices)]
 
 
 def _room_for_a_run(backend: Backend, needed: int) -> list[probe.Conntrack]:
@@ -472,6 +537,7 @@ class LocalBackend:
         self.servers: dict[ServerSpec, _LocalServer] = {}  # those up, one per spec
         self.current: _LocalServer | None = None  # the one being measured
         self.started: list[ServerSpec] = []  # every server start, in order
+        self._kv_dir: str | None = None  # kv_database()'s folder, once made
 
     # -- choosing the server ------------------------------------------------------------------
     def start(self, server: ServerSpec) -> tuple[str, int]:
@@ -539,6 +605,23 @@ class LocalBackend:
         table = probe.local_conntrack()  # loopback: loaders and server share this namespace
         return [table] if table is not None else []
 
+    def kv_database(self) -> str:
+        """The kv workload's database when the options name none: one file for this backend's
+        life (a sweep's designs all serve the same keys, as in the containers), removed by
+        :meth:`close` (or after the run, without ``keep``)."""
+        if self._kv_dir is None:
+            self._kv_dir = tempfile.mkdtemp(prefix="lab-kv-")
+        return os.path.join(self._kv_dir, "kv.sqlite")
+
+    def kv_readings(
+        self, server: ServerSpec, config: LoadConfig, indices: list[int]
+    ) -> list[kvcheck.Reading]:
+        readings = [kvcheck.read_through_server("127.0.0.1", self.port, config.tag, indices)]
+        path = database_of(server)
+        if path is not None:
+            readings.append(kvcheck.read_file(path, config.tag))
+        return readings
+
     def load(self, config: LoadConfig) -> LoadResult:
         if not self.pin:
             return run_load(config, pool=self.pool)
@@ -556,6 +639,7 @@ class LocalBackend:
             server, self.current = self.current, None
             self.servers.pop(server.spec, None)
             server.stop()
+            self._remove_kv_database()
 
     def close(self) -> None:
         """After a sweep: every server and the kept loader processes end."""
@@ -565,3 +649,9 @@ class LocalBackend:
             server.stop()
         if self.pool is not None:
             self.pool.close()
+        self._remove_kv_database()
+
+    def _remove_kv_database(self) -> None:
+        if self._kv_dir is not None:
+            shutil.rmtree(self._kv_dir, ignore_errors=True)
+            self._kv_dir = None

@@ -4,7 +4,8 @@
 :class:`LoadConfig`, or raises :class:`~lab.measure.errors.ConfigError` with one line naming the
 fix. Options that contradict each other are refused rather than silently reinterpreted:
 
-* ``--per-connection`` only means something for the ``persistent`` workload;
+* ``--per-connection`` only means something for the workloads that reuse a connection
+  (``persistent``, ``kv``); ``--mix``, ``--keys`` and ``--distribution`` only for ``kv``;
 * every loader process needs at least one connection, so an explicit ``--processes`` may not
   exceed ``--concurrency`` (the default, the number of CPUs, is lowered to fit instead);
 * ``--rate`` (open loop) and ``--concurrency`` combine: the rate says *when* each request is
@@ -18,6 +19,7 @@ import dataclasses
 import math
 import os
 import re
+import secrets
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -35,17 +37,35 @@ __all__ = [
     "DEFAULT_STARVE_AFTER",
     "DEFAULT_TIMEOUT",
     "DEFAULT_WARMUP",
+    "DISTRIBUTIONS",
+    "KV",
+    "KV_OPS",
     "MAX_DURATION",
     "PERSISTENT",
     "WORKLOADS",
     "LoadConfig",
     "make_config",
+    "parse_mix",
     "parse_size",
 ]
 
 CONNECT_PER_REQUEST = "connect-per-request"
 PERSISTENT = "persistent"
-WORKLOADS = (CONNECT_PER_REQUEST, PERSISTENT)
+#: Commands of the kv service (``--service kv``) instead of echoes, on reused connections.
+KV = "kv"
+WORKLOADS = (CONNECT_PER_REQUEST, PERSISTENT, KV)
+#: The kv workload's commands, as ``--mix`` names them.
+KV_OPS = ("get", "set", "incr", "del")
+DEFAULT_MIX = "get=80,set=15,incr=5"
+DEFAULT_KEYS = 1000
+MAX_KEYS = 1_000_000
+#: How the kv workload picks a key: every key alike, or Zipf's law (the k-th most popular key
+#: k^-s as likely as the first; ``zipf`` is s = 1, ``zipf:S`` another s).
+DISTRIBUTIONS = ("uniform", "zipf")
+MAX_ZIPF = 5.0
+#: A SET line is ``SET load:k:<key> <key>.<value>``: the value's bytes must leave room for
+#: the rest within the service's 4,096-byte line.
+MAX_VALUE = 4000
 
 DEFAULT_SIZE = 49  # the chapter's message with its NUL
 MAX_SIZE = 1024 * 1024
@@ -74,7 +94,7 @@ class LoadConfig:
     host: str
     port: int = DEFAULT_PORT
     workload: str = CONNECT_PER_REQUEST
-    #: Messages per connection before reconnecting (``persistent`` only; 1 otherwise).
+    #: Messages per connection before reconnecting (``persistent``, ``kv``; 1 otherwise).
     per_connection: int = 1
     size: int = DEFAULT_SIZE
     #: Closed loop: connections each sending its next request when the last one is back.
@@ -91,6 +111,13 @@ class LoadConfig:
     start_at: float | None = None
     starve_after: float = DEFAULT_STARVE_AFTER
     timeout: float = DEFAULT_TIMEOUT
+    #: ``kv``: the commands' shares (``get=80,set=15,incr=5``), the keys, how a key is picked,
+    #: and this run's own name for its counters (``load:c:<tag>:<key>``), so that the run's
+    #: INCRs can be told from every earlier run's in the same database. ``size`` is the value's.
+    mix: str = DEFAULT_MIX
+    keys: int = DEFAULT_KEYS
+    distribution: str = "uniform"
+    tag: str = ""
 
     @property
     def open_loop(self) -> bool:
@@ -98,11 +125,15 @@ class LoadConfig:
 
     @property
     def persistent(self) -> bool:
-        return self.workload == PERSISTENT
+        """Whether a connection carries ``per_connection`` requests (not one)."""
+        return self.workload in (PERSISTENT, KV)
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["loop"] = "open" if self.open_loop else "closed"
+        if self.workload != KV:  # the kv workload's settings mean nothing to an echo run
+            for name in _KV_FIELDS:
+                del data[name]
         return data
 
     @classmethod
@@ -111,6 +142,7 @@ class LoadConfig:
         return cls(**{k: v for k, v in data.items() if k in names})
 
 
+_KV_FIELDS = ("mix", "keys", "distribution", "tag")
 _SIZE = re.compile(r"^\s*(\d+)\s*(b|k|kb|kib|m|mb|mib)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "kib": 1024, "m": 1 << 20, "mb": 1 << 20}
 _UNITS["mib"] = 1 << 20
@@ -128,6 +160,45 @@ def parse_size(text: str | int) -> int:
     if not 1 <= size <= MAX_SIZE:
         raise ConfigError(f"--size must be 1 byte to 1 MiB, got {size} bytes — e.g. 49 or 64KiB")
     return size
+
+
+_MIX_PART = re.compile(r"^\s*([a-z]+)\s*=\s*(\d+)\s*$")
+
+
+def parse_mix(text: str) -> dict[str, int]:
+    """``get=80,set=15,incr=5`` → each command's weight (any non-negative integers, not all 0)."""
+    weights: dict[str, int] = {}
+    for part in text.lower().split(","):
+        match = _MIX_PART.match(part)
+        if not match:
+            raise ConfigError(f"--mix takes command=weight pairs, e.g. {DEFAULT_MIX}; got {text!r}")
+        op, weight = match.group(1), int(match.group(2))
+        if op not in KV_OPS:
+            raise ConfigError(f"--mix: unknown command {op!r}, choose from {', '.join(KV_OPS)}")
+        if op in weights:
+            raise ConfigError(f"--mix names {op} twice: give each command once")
+        weights[op] = weight
+    if not any(weights.values()):
+        raise ConfigError(f"--mix needs a command with a weight above 0, e.g. {DEFAULT_MIX}")
+    return weights
+
+
+def zipf_exponent(distribution: str) -> float | None:
+    """``uniform`` → None; ``zipf`` → 1.0; ``zipf:S`` → S."""
+    if distribution == "uniform":
+        return None
+    name, _, exponent = distribution.partition(":")
+    if name != "zipf":
+        raise ConfigError(
+            f"--distribution must be uniform, zipf or zipf:S (e.g. zipf:1.2), got {distribution!r}"
+        )
+    try:
+        s = float(exponent) if exponent else 1.0
+    except ValueError:
+        s = math.nan
+    if not 0 < s <= MAX_ZIPF:
+        raise ConfigError(f"--distribution zipf:S needs 0 < S <= {MAX_ZIPF:g}, got {exponent!r}")
+    return s
 
 
 def _usable_cpus() -> int:
@@ -162,6 +233,10 @@ def make_config(
     start_at: float | None = None,
     starve_after: float = DEFAULT_STARVE_AFTER,
     timeout: float = DEFAULT_TIMEOUT,
+    mix: str | None = None,
+    keys: int | None = None,
+    distribution: str | None = None,
+    tag: str | None = None,
     now: float | None = None,
     cpus: int | None = None,
 ) -> LoadConfig:
@@ -173,18 +248,42 @@ def make_config(
 
     if workload not in WORKLOADS:
         raise ConfigError(f"--workload must be one of {', '.join(WORKLOADS)}, got {workload!r}")
-    if workload == PERSISTENT:
+    if workload in (PERSISTENT, KV):
         k = DEFAULT_PER_CONNECTION if per_connection is None else per_connection
         if k < 1:
             raise ConfigError(f"--per-connection must be at least 1 message, got {k}")
     else:
         if per_connection is not None and per_connection != 1:
             raise ConfigError(
-                "--per-connection applies to the persistent workload only — "
+                "--per-connection applies to the persistent and kv workloads only — "
                 "add --workload persistent, or drop --per-connection"
             )
         k = 1
     message_size = parse_size(size)
+    if workload == KV:
+        weights = parse_mix(DEFAULT_MIX if mix is None else mix)
+        mix = ",".join(f"{op}={weight}" for op, weight in weights.items())
+        key_count = DEFAULT_KEYS if keys is None else keys
+        if not 1 <= key_count <= MAX_KEYS:
+            raise ConfigError(f"--keys must be 1 to {MAX_KEYS:,}, got {key_count}")
+        distribution = distribution or "uniform"
+        zipf_exponent(distribution)
+        if message_size > MAX_VALUE:
+            raise ConfigError(
+                f"--size is the value's size in the kv workload: at most {MAX_VALUE} bytes (the "
+                f"service's line is 4,096), got {message_size}"
+            )
+        tag = tag or secrets.token_hex(4)
+        if not re.fullmatch(r"[0-9A-Za-z_-]{1,32}", tag):
+            raise ConfigError(f"--tag must be 1 to 32 letters, digits, - or _, got {tag!r}")
+    else:
+        options = (("--mix", mix), ("--keys", keys), ("--distribution", distribution))
+        given = [name for name, value in options if value is not None]
+        if given:
+            raise ConfigError(
+                f"{given[0]} applies to the kv workload only — add --workload kv, or drop it"
+            )
+        mix, key_count, distribution, tag = DEFAULT_MIX, DEFAULT_KEYS, "uniform", ""
 
     conns = DEFAULT_CONCURRENCY if concurrency is None else concurrency
     if not 1 <= conns <= MAX_CONCURRENCY:
@@ -239,4 +338,8 @@ def make_config(
         start_at=start_at,
         starve_after=float(starve_after),
         timeout=float(timeout),
+        mix=mix,
+        keys=key_count,
+        distribution=distribution,
+        tag=tag,
     )

@@ -155,10 +155,15 @@ class _Slot:
         "connected_at",
         "events",
         "first_echo",
+        "floor",
         "got",
+        "key",
         "last_progress",
         "measured",
         "offset",
+        "op",
+        "reply",
+        "request",
         "reused",
         "sent",
         "sock",
@@ -184,6 +189,12 @@ class _Slot:
         self.got = 0
         self.last_progress = 0.0
         self.wake = 0.0
+        # The kv workload's (lab.measure.kvload): the command, its key, its line, the reply.
+        self.op = 0
+        self.key = 0
+        self.floor = 0
+        self.request = b""
+        self.reply = bytearray()
 
 
 class Loader:

@@ -33,6 +33,7 @@ import time
 import traceback
 from typing import IO, Any
 
+from lab.measure.config import KV
 from lab.measure.errors import LoaderFailed
 from lab.measure.loader import Loader, LoaderPlan, raise_descriptor_limit
 
@@ -158,6 +159,15 @@ def gather(loaders: list[LoaderProcess], key: str, deadline: float) -> list[Any]
     return [got[i] for i in range(len(loaders))]
 
 
+def loader_for(plan: LoaderPlan) -> Loader:
+    """The loader for the plan's workload: kv commands, or echoes."""
+    if plan.config.workload == KV:
+        from lab.measure.kvload import KvLoader
+
+        return KvLoader(plan)
+    return Loader(plan)
+
+
 def main() -> int:
     """The child: ``python -m lab.measure.process`` (reads its plan on stdin)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -174,7 +184,7 @@ def main() -> int:
                 return 0  # no more plans
             plan = LoaderPlan.from_dict(json.loads(line))
             raise_descriptor_limit(plan.connections + 32)
-            loader = Loader(plan)
+            loader = loader_for(plan)
             say({"ready": True})
             line = sys.stdin.readline()
             if not line:

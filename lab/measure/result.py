@@ -26,6 +26,7 @@ __all__ = [
     "SCHEMA",
     "LoadResult",
     "merge",
+    "merge_kv_incr",
 ]
 
 SCHEMA = "lab.load/1"
@@ -42,7 +43,13 @@ SCHEMA = "lab.load/1"
 #: * ``port_exhaustion`` — connect failed with EADDRNOTAVAIL: the loader ran out of local ports;
 #: * ``timeout`` — an echo already under way made no progress for ``--timeout`` (a connection
 #:   still waiting for its very first echo is *starved*, not timed out);
+#: * ``busy`` — kv: ``ERR busy``, the database's write lock not had within the busy timeout
+#:   (the write did not happen);
+#: * ``kv_error`` — kv: any other ``ERR`` reply to a well-formed command;
 #: * ``other`` — anything else.
+#:
+#: In the kv workload ``mismatch`` is a reply that cannot be the right one (a GET of another
+#: key's value, an INCR lower than this loader's own acknowledged increments of that key).
 ERROR_KINDS = (
     "connect_timeout",
     "refused",
@@ -52,6 +59,8 @@ ERROR_KINDS = (
     "closed_idle",
     "port_exhaustion",
     "timeout",
+    "busy",
+    "kv_error",
     "other",
 )
 
@@ -119,6 +128,10 @@ class LoadResult:
     loader_bound: bool = False
     #: How many loader results this one sums.
     parts: int = 1
+    #: kv: every INCR of the run's counters (warm-up and drain included), per counter:
+    #: ``{"tag": …, "counters": {key index: [acknowledged, sent but unanswered]}}`` (an INCR
+    #: without a reply may have committed). What the no-lost-update check sums.
+    kv_incr: dict[str, Any] | None = None
 
     # --- derived -----------------------------------------------------------------------------
 
@@ -186,6 +199,7 @@ class LoadResult:
             },
             "loader_bound": self.loader_bound,
             "parts": self.parts,
+            **({"kv_incr": self.kv_incr} if self.kv_incr is not None else {}),
         }
 
     @classmethod
@@ -222,12 +236,34 @@ class LoadResult:
                 loader_start_lag_s=float(loader.get("start_lag_s", 0.0)),
                 loader_bound=bool(data.get("loader_bound", False)),
                 parts=int(data.get("parts", 1)),
+                kv_incr=_kv_incr(data.get("kv_incr")),
             )
         except (KeyError, TypeError, AttributeError) as exc:
             raise ValueError(f"not a complete {SCHEMA} result: {exc!r}") from exc
         result.latency  # noqa: B018 — decoding checks the histograms are ours
         result.starved_wait  # noqa: B018
         return result
+
+
+def _kv_incr(data: Any) -> dict[str, Any] | None:
+    if data is None:
+        return None
+    counters = {str(k): [int(v[0]), int(v[1])] for k, v in dict(data["counters"]).items()}
+    return {"tag": str(data["tag"]), "counters": counters}
+
+
+def merge_kv_incr(parts: Iterable[dict[str, Any] | None]) -> dict[str, Any] | None:
+    """The loaders' INCR counts summed per counter (None if none of them ran kv)."""
+    given = [p for p in parts if p is not None]
+    if not given:
+        return None
+    counters: dict[str, list[int]] = {}
+    for part in given:
+        for key, (acked, unanswered) in part["counters"].items():
+            total = counters.setdefault(key, [0, 0])
+            total[0] += acked
+            total[1] += unanswered
+    return {"tag": given[0]["tag"], "counters": counters}
 
 
 def _summary(hist: LatencyHistogram) -> dict[str, float | int]:
@@ -271,6 +307,7 @@ def merge(results: Iterable[LoadResult]) -> LoadResult:
         loader_wall_s=sum(p.loader_wall_s for p in parts),
         loader_start_lag_s=max(p.loader_start_lag_s for p in parts),
         parts=sum(p.parts for p in parts),
+        kv_incr=merge_kv_incr(p.kv_incr for p in parts),
     )
     # Bound if any part was (one saturated loader throttles its own connections), or all of
     # them together used ≥ 90 % of their wall time.

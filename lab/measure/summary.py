@@ -30,12 +30,19 @@ def summary_lines(result: LoadResult) -> list[str]:
         loop += _count(config.get("concurrency"), "connection")
     else:
         loop = f"closed loop, {_count(config.get('concurrency'), 'connection')}"
+    sizes, checked = f"{config.get('size')}-byte messages", "each echo verified byte for byte"
+    if workload == "kv":
+        workload = (
+            f"kv ({config.get('mix')} over {config.get('keys'):,} keys, "
+            f"{config.get('distribution')}; {config.get('per_connection')} commands per connection)"
+        )
+        sizes, checked = f"{config.get('size')}-byte values", "each reply checked"
     lines = [
-        f"target {where}: {workload}, {config.get('size')}-byte messages, {loop}, "
+        f"target {where}: {workload}, {sizes}, {loop}, "
         f"{_count(result.loader_processes, 'loader process').replace('processs', 'processes')}",
         f"measured {result.duration:.2f} s after a {config.get('warmup', 0):g} s warm-up: "
-        f"{result.requests:,} requests, {result.throughput:,.1f} requests/s, each echo verified "
-        f"byte for byte ({result.bytes_verified:,} bytes)",
+        f"{result.requests:,} requests, {result.throughput:,.1f} requests/s, {checked} "
+        f"({result.bytes_verified:,} bytes)",
     ]
 
     latency = result.latency
