@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import pytest
-from test_report import failed_run, make_results, make_run
+from test_report import failed_run, kv_verdict, make_results, make_run
 
 from lab.measure import claims as claims_module
 from lab.measure import distribution
@@ -463,7 +463,7 @@ def _experiment(*records: dict[str, Any]) -> dict[str, Any]:
 
 RR = (0, 1, 2, 0, 1, 2)
 ONE = (0, 0, 0, 0, 0, 0)
-DISTRIBUTION_CLAIM = CONTROL_CLAIM - 1
+DISTRIBUTION_CLAIM = len(claims_module._CLAIMS) + 1
 
 
 def test_sequential_connections_classified() -> None:
@@ -610,3 +610,55 @@ def test_control_a_copy_that_differs_in_cpu_alone_is_told_apart() -> None:
 def test_control_not_run_is_inconclusive() -> None:
     c = claim(CONTROL_CLAIM, design(CONTROL))
     assert c.verdict == INCONCLUSIVE and f"{COPY} did not run" in c.evidence
+
+
+# --- the worker that does real work --------------------------------------------------------------
+
+REAL_WORK = len(claims_module._CLAIMS) + 2
+
+
+def workloads_of(name: str, echo: Sequence[float], kv: Sequence[float]) -> list[dict[str, Any]]:
+    """``name``'s persistent echo and kv runs, one per throughput given."""
+    return [
+        *design(name, tp=echo, workload="persistent"),
+        *design(name, tp=kv, workload="kv", kv_check=kv_verdict()),
+    ]
+
+
+def test_real_work_holds_when_the_designs_lie_closer_under_kv() -> None:
+    """Echo: select 5× fork; kv: 1.2× — the database's cost swamps the design's."""
+    result = claim(
+        REAL_WORK,
+        workloads_of("select", (10000, 10100, 9900), (1200, 1210, 1190)),
+        workloads_of("fork", (2000, 2020, 1980), (1000, 1010, 990)),
+    )
+    assert result.verdict == HOLDS, result.evidence
+    assert "echo ×5.00 (select ÷ fork" in result.evidence and "kv ×1.20" in result.evidence
+
+
+def test_real_work_does_not_hold_when_kv_spreads_the_designs_further() -> None:
+    result = claim(
+        REAL_WORK,
+        workloads_of("select", (1200, 1210, 1190), (10000, 10100, 9900)),
+        workloads_of("fork", (1000, 1010, 990), (2000, 2020, 1980)),
+    )
+    assert result.verdict == NOT_HOLDS, result.evidence
+
+
+def test_real_work_is_inconclusive_on_a_single_run_or_without_kv() -> None:
+    single = claim(
+        REAL_WORK, workloads_of("select", (10000,), (1200,)), workloads_of("fork", (2000,), (1000,))
+    )
+    assert single.verdict == INCONCLUSIVE and "single run" in single.evidence
+    none = claim(REAL_WORK, design("select", workload="persistent"))
+    assert none.verdict == INCONCLUSIVE and "did not run" in none.evidence
+
+
+def test_real_work_leaves_out_a_design_whose_kv_run_lost_updates() -> None:
+    """fork's kv runs lost updates: only select is left, no gap to judge."""
+    lossy = [
+        *design("fork", tp=(2000, 2020), workload="persistent"),
+        *design("fork", tp=(1000, 1010), workload="kv", kv_check=kv_verdict(ok=False)),
+    ]
+    result = claim(REAL_WORK, workloads_of("select", (10000, 10100), (1200, 1210)), lossy)
+    assert result.verdict == INCONCLUSIVE and "lost or extra updates" in result.evidence

@@ -275,3 +275,44 @@ def test_lab_bench_refuses_db_where_it_cannot_apply(tmp_path: Path) -> None:
     ]:
         out = runner.invoke(app, ["bench", "--workload", "kv", *args])
         assert out.exit_code == 2 and fragment in out.output, out.output
+
+
+def test_lab_compare_workload_kv_runs_the_designs_beside_echo_and_judges_them(
+    tmp_path: Path,
+) -> None:
+    """kv joins the echo workloads; the peer runs echo only; every kv run is checked, the
+    report has its section and the claim its evidence."""
+    import json
+
+    args = ["compare", "--local", "--designs", "select,thread-pool,peer-threading"]
+    args += ["--workload", "kv", "--mix", "get=50,incr=50", "--keys", "10", "--concurrency", "2"]
+    args += ["--repeats", "2", "--duration", "0.3", "--no-experiments", "--out", str(tmp_path)]
+    out = runner.invoke(app, args)
+    assert out.exit_code == 0, out.output
+    (results_file,) = tmp_path.glob("*/results.json")
+    results = json.loads(results_file.read_text())
+    kv_runs = [r for r in results["runs"] if r["workload"] == "kv"]
+    assert sorted({r["design"] for r in kv_runs}) == ["select", "thread-pool"]
+    assert len(kv_runs) == 4 and all(r["kv_check"]["ok"] for r in kv_runs)
+    assert {r["workload"] for r in results["runs"] if r["design"] == "peer-threading"} == {
+        "connect-per-request",
+        "persistent",
+    }
+    assert results["matrix"]["mix"] == "get=50,incr=50" and results["matrix"]["keys"] == 10
+    assert "--workload connect-per-request,persistent,kv" in results["command"]
+    report = (results_file.parent / "report.md").read_text()
+    assert "## The worker that does real work (kv)" in report and "### kv" in report
+    assert "when the worker does real work" in report
+    assert "echo ×" in report and "kv ×" in report  # the claim compared them
+
+
+def test_lab_compare_refuses_kv_options_without_kv_and_unknown_workloads(tmp_path: Path) -> None:
+    base = ["compare", "--local", "--designs", "select", "--out", str(tmp_path)]
+
+    def error(*args: str) -> str:
+        out = runner.invoke(app, [*base, *args])
+        assert out.exit_code == 2
+        return " ".join(out.output.replace("│", " ").split())  # the error box, unwrapped
+
+    assert "add --workload kv" in error("--mix", "get=1")
+    assert "unknown workload 'echo'" in error("--workload", "kv,echo")

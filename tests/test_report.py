@@ -59,6 +59,7 @@ def make_run(
     starved: int = 0,
     starved_wait_us: int = 1_500_000,
     memory: int = 50 * 2**20,
+    kv_check: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One run as ``lab compare`` writes it: a real LoadResult and ServerCost, as dicts
     (persistent: 10 messages per connection)."""
@@ -87,7 +88,7 @@ def make_run(
     if per_worker:
         stats["per_worker"] = per_worker
         stats["workers_alive"] = len(per_worker) if workers_alive is None else workers_alive
-    per_connection = 10 if workload == "persistent" else 1
+    per_connection = 10 if workload in ("persistent", "kv") else 1
     cost = ServerCost(
         cpu_s=(cpu_ms or 0) * throughput / 1000,
         requests=int(throughput),
@@ -109,6 +110,7 @@ def make_run(
         "backend": "local",
         "load": load_dict,
         "server": asdict(cost),
+        **({"kv_check": kv_check} if kv_check is not None else {}),
     }
 
 
@@ -730,3 +732,48 @@ def test_the_c_column_reads_the_stdlib_peers_against_the_c_peer_of_their_shape(
     assert _row(text, "peer-asyncio", 8)["×C"] == "×3.5"
     assert _row(text, "peer-forking", 8)["×C"] == "×2.0"
     assert _row(text, "peer-c-epoll", 8)["×C"] == "—"
+
+
+def kv_verdict(ok: bool = True, acknowledged: int = 500) -> dict[str, Any]:
+    """A run's kv_check as bench() writes it (lab.measure.kvcheck.KvCheck.to_dict())."""
+    stored = acknowledged if ok else acknowledged - 3
+    lost = 0 if ok else 1
+    source = {"stored": stored, "lost": lost, "extra": 0}
+    return {
+        "tag": "t",
+        "counters": 10,
+        "acknowledged": acknowledged,
+        "unanswered": 0,
+        "sources": {"server": source, "file": dict(source)},
+        "ok": ok,
+        "examples": [] if ok else ["load:c:t:3 (file): 7 acknowledged, 4 stored"],
+    }
+
+
+def test_a_kv_run_that_lost_updates_is_flagged_reported_and_not_compared(tmp_path: Path) -> None:
+    results = make_results(
+        [
+            make_run("select", 8, workload="kv", kv_check=kv_verdict()),
+            make_run("select", 8, workload="kv", repeat=1, kv_check=kv_verdict()),
+            make_run("fork", 8, workload="kv", kv_check=kv_verdict(ok=False)),
+        ]
+    )
+    cells = {c.design: c for c in aggregate(results)}
+    assert cells["select"].usable and cells["select"].kv_checked == 2
+    assert cells["select"].kv_acknowledged == 1000
+    assert (
+        not cells["fork"].usable
+        and "lost or extra updates in 1 of 1" in cells["fork"].why_unusable()
+    )
+    text = render(results, tmp_path).read_text()
+    assert "## The worker that does real work (kv)" in text
+    section = text.split("## The worker that does real work (kv)")[1].split("\n## ")[0]
+    assert "| select | 2 | 1,000 | yes |" in section
+    assert "**NO** (1 runs: load:c:t:3 (file): 7 acknowledged, 4 stored)" in section
+    rows = [line for line in text.splitlines() if line.startswith("| fork")]
+    assert any("LOST UPDATES in 1/1 runs" in row for row in rows)
+
+
+def test_a_run_without_kv_has_no_kv_section(tmp_path: Path) -> None:
+    text = render(make_results([make_run("select", 8)]), tmp_path).read_text()
+    assert "real work (kv)" not in text

@@ -23,6 +23,7 @@ from rich.progress import (
 from rich.table import Table
 
 from lab.cli.errors import user_errors
+from lab.cli.kvoptions import Distribution, Keys, Mix
 
 if TYPE_CHECKING:
     from lab.measure.compare import Step
@@ -64,6 +65,32 @@ def _csv(text: str | None) -> list[str] | None:
     return [item.strip() for item in text.split(",") if item.strip()] if text else None
 
 
+def _kv_settings(matrix: Any, mix: str | None, keys: int | None, distribution: str | None) -> None:
+    """The kv workload's settings into ``matrix``, checked as a load run checks them (a
+    ConfigError: one line); refused when kv is not among the workloads."""
+    from lab.measure.bench import BenchError
+    from lab.measure.config import make_config
+    from lab.measure.errors import ConfigError
+
+    if all(v is None for v in (mix, keys, distribution)):
+        return
+    if "kv" not in matrix.workloads:
+        raise BenchError(
+            "--mix, --keys and --distribution are for the kv workload: add --workload kv"
+        )
+    try:
+        config = make_config(
+            "127.0.0.1", workload="kv", mix=mix, keys=keys, distribution=distribution
+        )
+    except ConfigError as exc:
+        raise BenchError(str(exc)) from None
+    matrix.mix, matrix.keys, matrix.distribution = config.mix, config.keys, config.distribution
+
+
+def _kv_arguments(matrix: Any) -> list[str]:
+    return ["--mix", matrix.mix, "--keys", str(matrix.keys), "--distribution", matrix.distribution]
+
+
 def compare(
     designs: Annotated[
         str | None, typer.Option(help="comma-separated (default: every design, variant, peer)")
@@ -75,6 +102,16 @@ def compare(
         ),
     ] = False,
     local: Annotated[bool, typer.Option(help="local processes on loopback, no Docker")] = False,
+    workload: Annotated[
+        str | None,
+        typer.Option(
+            help="comma-separated: connect-per-request, persistent, kv (default: the first two; "
+            "kv alone adds the database-backed worker to them, for the designs only: peers echo)"
+        ),
+    ] = None,
+    mix: Mix = None,
+    keys: Keys = None,
+    distribution: Distribution = None,
     concurrency: Annotated[str | None, typer.Option(help="sweep, e.g. 1,8,64,256")] = None,
     repeats: Annotated[int | None, typer.Option(min=1, help="runs per cell")] = None,
     duration: Annotated[float | None, typer.Option(min=0.1, help="measured seconds")] = None,
@@ -132,6 +169,9 @@ def compare(
                 if quick
                 else sweep.Matrix(names, workers=workers)
             )
+            if workload:
+                matrix.workloads = sweep.workloads(_csv(workload) or [])
+            _kv_settings(matrix, mix, keys, distribution)
             if concurrency:
                 matrix.concurrency = [int(c) for c in concurrency.split(",")]
             if repeats:
@@ -173,6 +213,8 @@ def compare(
                 str(matrix.duration),
                 "--workers",
                 str(matrix.workers),
+                *(["--workload", ",".join(matrix.workloads)] if workload else []),
+                *(_kv_arguments(matrix) if "kv" in matrix.workloads else []),
                 *(["--latency-curve", ",".join(curve)] if curve else []),
                 *(arg for name, cmd in user.items() for arg in ("--peer", f"{name}={cmd}")),
                 *(arg for path in mounts for arg in ("--mount", path)),

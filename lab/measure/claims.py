@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from lab.measure.compare import ACCEPT_LOCKS, CONTROLS, GROWING, POOL_DESIGNS, VARIANTS
+from lab.measure.config import KV, PERSISTENT
 from lab.measure.report import CONNECT_PER_REQUEST, Cell, Spread, aggregate, cells_for
 from lab.sockets.designs import DESIGNS
 
@@ -745,8 +746,83 @@ def _rounds_text(record: Mapping[str, Any]) -> str:
     return "served by " + "; ".join(served) if served else "no round"
 
 
+def _gap(throughputs: Sequence[tuple[Spread, str]]) -> tuple[float, float, float, str, str]:
+    """The fastest design's throughput ÷ the slowest's: median ratio, its range (low, high),
+    and the two designs."""
+    best, fastest = max(throughputs, key=lambda row: row[0].median)
+    worst, slowest = min(throughputs, key=lambda row: row[0].median)
+    return (
+        best.median / worst.median,
+        best.low / worst.high,
+        best.high / worst.low,
+        fastest,
+        slowest,
+    )
+
+
+def _real_work(results: Mapping[str, Any]) -> Claim:
+    claim = (
+        len(_CLAIMS) + 2,
+        "when the worker does real work, the design's own cost matters less: the designs' "
+        "throughputs lie closer together serving a database than echoing",
+        'the chapter (its worker "accesses a database file"); a corollary of Amdahl\'s law',
+        f"at each concurrency, the fastest design's throughput ÷ the slowest's (the lab's "
+        f"designs that ran both), {PERSISTENT} echo against kv (the same connections, each "
+        "request one database command), in the same run; clearly smaller under kv: its range "
+        "(best high ÷ worst low) below echo's (best low ÷ worst high), two repeats or more",
+    )
+    cells = aggregate(results)
+    kv = [c for c in cells if c.workload == KV]
+    if not kv:
+        return Claim(
+            *claim, INCONCLUSIVE, "the kv workload did not run (`lab compare --workload kv`)"
+        )
+    verdicts: list[Verdict] = []
+    lines: list[str] = []
+    for concurrency in sorted({c.concurrency for c in kv}):
+        both: list[tuple[Spread, Spread, str]] = []
+        for design in DESIGNS:
+            echo_cell = cells_for(cells, design, PERSISTENT).get(concurrency)
+            kv_cell = cells_for(cells, design, KV).get(concurrency)
+            if echo_cell is None or kv_cell is None or not (echo_cell.usable and kv_cell.usable):
+                continue
+            echo, served = echo_cell.throughput, kv_cell.throughput
+            if echo is not None and served is not None and min(echo.low, served.low) > 0:
+                both.append((echo, served, design))
+        if len(both) < 2:
+            continue
+        echo_gap, echo_low, echo_high, *echo_names = _gap([(e, d) for e, _, d in both])
+        kv_gap, kv_low, kv_high, *kv_names = _gap([(k, d) for _, k, d in both])
+        repeated = all(e.repeated and k.repeated for e, k, _ in both)
+        text = (
+            f"c={concurrency}, {len(both)} designs: echo ×{echo_gap:.2f} ({echo_names[0]} ÷ "
+            f"{echo_names[1]}, range ×{echo_low:.2f}–×{echo_high:.2f}), kv ×{kv_gap:.2f} "
+            f"({kv_names[0]} ÷ {kv_names[1]}, range ×{kv_low:.2f}–×{kv_high:.2f})"
+        )
+        if not repeated:
+            verdict = INCONCLUSIVE
+            text += " (single run: never clear)"
+        elif kv_high < echo_low:
+            verdict = HOLDS
+        elif kv_low > echo_high:
+            verdict = NOT_HOLDS
+        else:
+            verdict = INCONCLUSIVE
+            text += UNCLEAR
+        verdicts.append(verdict)
+        lines.append(f"{text} → {verdict}")
+    if not lines:
+        reasons = [c.why_unusable() for c in kv if not c.usable]
+        return Claim(
+            *claim,
+            INCONCLUSIVE,
+            _no_data(reasons, f"no two designs ran both {PERSISTENT} and kv at one concurrency"),
+        )
+    return Claim(*claim, _combine(verdicts), _lines(lines))
+
+
 #: The claims judged on other parts of results.json than the sweep's cells.
-_RESULT_CLAIMS: tuple[Callable[[Mapping[str, Any]], Claim], ...] = (_distribution,)
+_RESULT_CLAIMS: tuple[Callable[[Mapping[str, Any]], Claim], ...] = (_distribution, _real_work)
 
 
 def evaluate(results: Mapping[str, Any]) -> list[Claim]:

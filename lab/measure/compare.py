@@ -21,7 +21,15 @@ from pathlib import Path
 from typing import Any
 
 from lab.measure.bench import Backend, BenchError, ServerSpec, bench, server_command
-from lab.measure.config import CONNECT_PER_REQUEST, make_config
+from lab.measure.config import (
+    CONNECT_PER_REQUEST,
+    DEFAULT_KEYS,
+    DEFAULT_MIX,
+    KV,
+    PERSISTENT,
+    WORKLOADS,
+    make_config,
+)
 from lab.measure.errors import LoadError
 from lab.measure.peers import PEER_FAMILIES, PEERS
 from lab.sockets.designs import DESIGNS
@@ -127,6 +135,34 @@ class Matrix:
     user_servers: dict[str, str] = field(default_factory=dict)
     #: Host paths mounted read-only, at the same path, in a user server's container.
     mounts: list[str] = field(default_factory=list)
+    #: The kv workload's commands, keys and key distribution (its connections carry
+    #: ``per_connection`` commands, as persistent's carry messages).
+    mix: str = DEFAULT_MIX
+    keys: int = DEFAULT_KEYS
+    distribution: str = "uniform"
+
+
+def serves_kv(name: str) -> bool:
+    """Whether ``name`` can run the kv workload: one of the lab's designs, or a variant of one
+    whose worker is the lab's own (``--worker-cmd`` runs another program, which only echoes).
+    Peers and users' servers echo."""
+    if name in VARIANTS:
+        return "--worker-cmd" not in VARIANTS[name].options
+    return name in DESIGNS
+
+
+def workloads(names: Sequence[str]) -> list[str]:
+    """``--workload``'s list: each a workload; ``kv`` given alone joins the two echo workloads
+    (the kv claim compares the designs' spread under echo and under kv, in one run)."""
+    unknown = [n for n in names if n not in WORKLOADS]
+    if unknown:
+        raise BenchError(
+            f"unknown workload {unknown[0]!r}: choose from {', '.join(WORKLOADS)} (comma-separated)"
+        )
+    chosen = list(dict.fromkeys(names))
+    if chosen == [KV]:
+        chosen = [CONNECT_PER_REQUEST, PERSISTENT, KV]
+    return chosen
 
 
 def all_servers() -> list[str]:
@@ -297,12 +333,10 @@ def compare(
     """Run the matrix (and its latency curves); a run that fails is kept with its one-line
     error, the sweep goes on."""
     check_servers([*matrix.designs, *matrix.latency_curve], matrix.user_servers)
+    workloads(matrix.workloads)  # each one known
     runs: list[dict[str, Any]] = []
     backend = make_backend()  # one for the sweep: it may keep a server running between runs
     _try_user_servers(backend, matrix)
-    cells = len(matrix.designs) * len(matrix.workloads) * len(matrix.concurrency)
-    total = cells * matrix.repeats + _curve_steps(matrix) + _experiment_steps(matrix)
-    done = 0
     # Interleaved where every server can stay up at once (local processes); where one server
     # runs at a time (the containers: a switch restarts it and waits for its health) in rounds,
     # a server start per design and repeat — or, in the quick compare, whose time budget has
@@ -311,7 +345,11 @@ def compare(
         order = INTERLEAVED
     else:
         order = BY_DESIGN if quick else ROUNDS
-    for name, workload, concurrency, repeat in sweep_order(matrix, order):
+    # A peer (or spawn with another worker program) only echoes: it has no kv cells.
+    sweep = [cell for cell in sweep_order(matrix, order) if cell[1] != KV or serves_kv(cell[0])]
+    total = len(sweep) + _curve_steps(matrix) + _experiment_steps(matrix)
+    done = 0
+    for name, workload, concurrency, repeat in sweep:
         what = f"{name} {workload} ×{concurrency} (repeat {repeat + 1})"
         progress(Step(done, total, what))
         done += 1
@@ -404,12 +442,15 @@ def _run(
             "127.0.0.1",
             port=1,
             workload=workload,
-            per_connection=matrix.per_connection if workload == "persistent" else None,
+            per_connection=matrix.per_connection if workload in (PERSISTENT, KV) else None,
             size=matrix.size,
             concurrency=entry["concurrency"],
             rate=rate,
             duration=matrix.duration,
             warmup=matrix.warmup,
+            mix=matrix.mix if workload == KV else None,
+            keys=matrix.keys if workload == KV else None,
+            distribution=matrix.distribution if workload == KV else None,
         )
         result = bench(backend, spec, config).to_dict()
         result["design"] = name  # the variant's name, not its base design

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lab.measure.config import KV
 from lab.measure.histogram import LatencyHistogram
 
 __all__ = [
@@ -134,6 +135,12 @@ class Cell:
     #: Packets dropped because a connection-tracking table was full (see probe.Conntrack):
     #: a cell with any measured the kernel's firewall table, and is not compared.
     conntrack_drops: int = 0
+    #: kv: the runs whose no-lost-update check was made, those it failed (an update lost or
+    #: extra: the run measured a broken server, and is not compared), the INCRs acknowledged.
+    kv_checked: int = 0
+    kv_failed: int = 0
+    kv_acknowledged: int = 0
+    kv_examples: list[str] = field(default_factory=list)
     shed: int = 0
     loader_bound: bool = False
     #: Connections served by each worker (pid → n), one dict per run that kept them.
@@ -155,7 +162,8 @@ class Cell:
     def usable(self) -> bool:
         """Measured, not loader-bound and no packet dropped by a full connection-tracking
         table: fit to compare against another cell."""
-        return self.measured and not self.loader_bound and not self.conntrack_drops
+        clean = not self.loader_bound and not self.conntrack_drops and not self.kv_failed
+        return self.measured and clean
 
     def why_unusable(self) -> str:
         if not self.runs:
@@ -169,6 +177,11 @@ class Cell:
             return (
                 f"{self.design} {self.workload} c={self.concurrency}: the kernel's "
                 f"connection-tracking table was full ({self.conntrack_drops:,} packets dropped)"
+            )
+        if self.kv_failed:
+            return (
+                f"{self.design} {self.workload} c={self.concurrency}: lost or extra updates in "
+                f"{self.kv_failed} of {self.kv_checked} runs"
             )
         return ""
 
@@ -189,6 +202,8 @@ class Cell:
             flags.append(f"overflows {self.listen_overflows:,}")
         if self.conntrack_drops:
             flags.append(f"CONNTRACK FULL: {self.conntrack_drops:,} dropped")
+        if self.kv_failed:
+            flags.append(f"LOST UPDATES in {self.kv_failed}/{self.kv_checked} runs")
         if self.runs == 1:
             flags.append("single run")
         return flags
@@ -303,6 +318,14 @@ def _fill(cell: Cell, runs: Sequence[Mapping[str, Any]]) -> None:
         cell.starved_wait = {label: waits.percentile(p) for label, p in POOLED_PERCENTILES.items()}
         cell.starved_wait["max"] = waits.max
         cell.starved_wait["count"] = waits.count
+    for run in runs:
+        check = run.get("kv_check")
+        if isinstance(check, Mapping):
+            cell.kv_checked += 1
+            cell.kv_acknowledged += _as_int(check.get("acknowledged"))
+            if not check.get("ok"):
+                cell.kv_failed += 1
+                cell.kv_examples += [str(x) for x in check.get("examples") or []][:2]
     pools: list[int | None] = []
     for server in servers:
         cell.listen_overflows += _as_int(server.get("listen_overflows"))
@@ -622,6 +645,39 @@ def busiest_share(counts: Mapping[str, int]) -> float | None:
     """The busiest worker's share of the connections (1/workers is an even spread)."""
     total = sum(counts.values())
     return max(counts.values()) / total if total else None
+
+
+def kv_lines(cells: Sequence[Cell], designs: Sequence[str], matrix: Mapping[str, Any]) -> list[str]:
+    """The kv workload's own section: what it runs, and per design the no-lost-update check
+    (lab.measure.kvcheck) over every run of it."""
+    mine = [c for c in cells if c.workload == KV and c.kv_checked]
+    if not mine:
+        return []
+    lines = [
+        "## The worker that does real work (kv)",
+        "",
+        f"In the kv workload each request is one command of {matrix.get('mix', '?')} on "
+        f"{_as_int(matrix.get('keys')):,} keys ({matrix.get('distribution', '?')}), "
+        f"{matrix.get('per_connection', '?')} commands a connection, served by the design "
+        "with `--service kv` from one SQLite file (WAL, a transaction per command): the same "
+        "designs as under echo, now doing I/O. After every run the counters its INCRs touched "
+        "were read through the server and straight from the file, and held against the INCRs "
+        "the loaders had acknowledged (no lost update: acknowledged ≤ stored ≤ acknowledged + "
+        "unanswered, per counter).",
+        "",
+    ]
+    header = ["design", "runs checked", "INCRs acknowledged", "no lost update"]
+    rows = []
+    for design in designs:
+        found = [c for c in mine if c.design == design]
+        if not found:
+            continue
+        checked = sum(c.kv_checked for c in found)
+        failed = sum(c.kv_failed for c in found)
+        examples = [x for c in found for x in c.kv_examples][:2]
+        verdict = "yes" if not failed else f"**NO** ({failed} runs: {'; '.join(examples)})"
+        rows.append([design, str(checked), f"{sum(c.kv_acknowledged for c in found):,}", verdict])
+    return [*lines, *_table(header, rows), ""]
 
 
 def spread_lines(cells: Sequence[Cell], designs: Sequence[str]) -> list[str]:
@@ -975,6 +1031,8 @@ def render(results: Mapping[str, Any], out_dir: Path) -> Path:
     ]
     for workload in workloads:
         lines += _workload_lines(workload, cells, designs)
+
+    lines += kv_lines(cells, designs, matrix)
 
     starved = starvation_lines(cells)
     if starved:
