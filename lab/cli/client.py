@@ -1,4 +1,5 @@
-"""``lab client``: send one message to an echo server and check the echo (the chapter's comclient).
+"""``lab client``: send one message to an echo server and check the echo (the chapter's comclient),
+or, with ``--kv``, commands to a kv server (``--service kv``) and print its replies.
 
 The socket work lives in :mod:`lab.sockets.client`; this module only turns options into a call
 and a failure into one line on stderr and an exit code (see that module for the codes).
@@ -22,8 +23,24 @@ _PROG = "lab client"
 def client(
     host: Annotated[
         str,
-        typer.Argument(help="Server host: a name, an IPv4 or an IPv6 address (e.g. 127.0.0.1)."),
+        typer.Argument(
+            help="Server host: a name, an IPv4 or an IPv6 address (e.g. 127.0.0.1); in a lab "
+            "client container LAB_SERVER (bakawali).",
+            envvar="LAB_SERVER",
+        ),
     ],
+    commands: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help='--kv: commands to send, each one argument ("INCR hits" "GET hits"); none: '
+            "one a line from stdin, each reply printed as it comes (interactive).",
+            show_default=False,
+        ),
+    ] = None,
+    kv: Annotated[
+        bool,
+        typer.Option("--kv", help="Speak the kv service (GET, SET, INCR, DEL, SCAN; docs/kv.md)."),
+    ] = False,
     port: Annotated[
         int,
         typer.Option("--port", "-p", help="Server TCP port (1–65535).", envvar="LAB_PORT"),
@@ -57,9 +74,19 @@ def client(
     """Send one message to an echo server, read the whole echo back and verify it.
 
     Exit codes: 0 echo matched, 2 usage, 3 refused, 4 timed out, 5 reset by peer,
-    6 host not found, 7 echo mismatch or short, 8 other network error.
+    6 host not found, 7 echo mismatch or short, 8 other network error; --kv: 9 a command
+    given as an argument was answered ERR.
     """
-    code = _client(host, port, message, nul=nul, timeout=timeout)
+    if kv:
+        if message is not None or nul:
+            _error("--message and --nul are for echo: give kv commands as arguments with --kv")
+            raise typer.Exit(sockclient.EXIT_USAGE)
+        code = _kv(host, port, commands or [], timeout=timeout)
+    elif commands:
+        _error(f"unexpected argument {commands[0]!r}: kv commands need --kv; a message, -m TEXT")
+        raise typer.Exit(sockclient.EXIT_USAGE)
+    else:
+        code = _client(host, port, message, nul=nul, timeout=timeout)
     if code != sockclient.EXIT_OK:
         raise typer.Exit(code)
 
@@ -99,6 +126,46 @@ def _client(host: str, port: int, message: str | None, *, nul: bool, timeout: fl
         return exc.exit_code
     for line in sockclient.report_lines(result):
         typer.echo(line)
+    return sockclient.EXIT_OK
+
+
+#: ``lab client --kv``'s exit code when a command given as an argument was answered ``ERR``.
+EXIT_KV_ERROR = 9
+
+
+def _kv(host: str, port: int, commands: list[str], *, timeout: float) -> int:
+    """Each command, its reply printed; without commands, stdin's lines (interactive)."""
+    if not 1 <= port <= 65535:
+        _error(f"--port must be between 1 and 65535, got {port}")
+        return sockclient.EXIT_USAGE
+    if not timeout > 0 or math.isinf(timeout):
+        _error(f"--timeout must be a positive number of seconds, got {timeout}")
+        return sockclient.EXIT_USAGE
+    stdin = typer.get_binary_stream("stdin")
+    interactive = not commands
+    if interactive and stdin.isatty():
+        typer.echo(
+            "kv: one command a line — GET key, SET key value, INCR key [n], DEL key, "
+            "SCAN prefix [limit]; Ctrl-D ends",
+            err=True,
+        )
+    try:
+        with sockclient.KvSession(host, port, timeout) as session:
+            if not interactive:
+                failed = False
+                for command in commands:
+                    reply = session.command(command.encode("utf-8", errors="surrogateescape"))
+                    typer.echo(reply.decode("utf-8", errors="replace"))
+                    failed = failed or reply.startswith(b"ERR")
+                return EXIT_KV_ERROR if failed else sockclient.EXIT_OK
+            while line := stdin.readline(MAX_STDIN_MESSAGE + 2):
+                if not line.strip():
+                    continue
+                reply = session.command(line)
+                typer.echo(reply.decode("utf-8", errors="replace"))
+    except sockclient.ClientError as exc:
+        _error(str(exc))
+        return exc.exit_code
     return sockclient.EXIT_OK
 
 

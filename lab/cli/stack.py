@@ -34,6 +34,14 @@ def _check_design(design: str) -> str:
     return design
 
 
+def _check_service(service: str | None) -> str | None:
+    from lab.sockets.config import SERVICES
+
+    if service is not None and service not in SERVICES:
+        raise typer.BadParameter(f"{service!r}: choose {' or '.join(SERVICES)}")
+    return service
+
+
 def _table(rows: list[dict[str, Any]]) -> Table:
     table = Table("container", "service", "state", "health", "hostname", "address", "design")
     for row in rows:
@@ -59,6 +67,15 @@ def up(
     transcript: Annotated[
         bool, typer.Option(help="wait for the clients' first exchanges, print the transcript")
     ] = False,
+    service: Annotated[
+        str | None,
+        typer.Option(
+            help="echo (default) or kv: commands on a SQLite database kept on the lab's data "
+            "volume (`lab client --kv`; docs/kv.md)",
+            envvar="LAB_SERVICE",
+            callback=_check_service,
+        ),
+    ] = None,
 ) -> None:
     """Build the images if missing, start the server and the clients, wait until healthy (what
     is left of an earlier lab — an exited server, a bench's peer — is removed first)."""
@@ -68,7 +85,12 @@ def up(
 
     with user_errors("lab up"):
         with console.status("preparing the lab…") as status:
-            found = stack.up(design, clients, progress=lambda line: status.update(line[:100]))
+            found = stack.up(
+                design,
+                clients,
+                progress=lambda line: status.update(line[:100]),
+                extra_env={"LAB_SERVICE": service} if service else None,
+            )
             if transcript:
                 status.update("waiting for the clients' first exchanges…")
                 stack.wait_for_introductions()
@@ -79,13 +101,19 @@ def up(
     console.print("the transcript: `lab logs`; the statistics: `lab status`; stop: `lab down`")
 
 
-def down() -> None:
-    """Remove every container and the network of the lab, a bench's peer too (no images)."""
+def down(
+    volumes: Annotated[
+        bool, typer.Option("--volumes", help="also remove the data volume (the kv database)")
+    ] = False,
+) -> None:
+    """Remove every container and the network of the lab, a bench's peer too (no images; the
+    data volume only with --volumes)."""
     from lab.orchestration import stack
 
     with user_errors("lab down"):
-        count = stack.down()
-    typer.echo(f"removed {count} container(s) and the lab's network")
+        count = stack.down(volumes=volumes)
+    what = "network and its data volume" if volumes else "network (its data volume is kept)"
+    typer.echo(f"removed {count} container(s) and the lab's {what}")
 
 
 def status(
@@ -121,12 +149,20 @@ def logs(
 
 def switch(
     design: Annotated[str, typer.Argument(help="the new design", callback=_check_design)],
+    service: Annotated[
+        str | None,
+        typer.Option(
+            help="echo or kv (default: the service the server ran; the data volume is kept)",
+            callback=_check_service,
+        ),
+    ] = None,
 ) -> None:
-    """Restart the server with another design; the clients keep running."""
+    """Restart the server with another design; the clients keep running, and so does the
+    service (and the kv database) unless --service says otherwise."""
     from lab.orchestration import stack
 
     with user_errors("lab switch"), console.status(f"switching to {design}…"):
-        server = stack.switch(design)
+        server = stack.switch(design, extra_env={"LAB_SERVICE": service} if service else None)
     typer.echo(f"server {server.name} now runs {server.design} ({server.health})")
 
 

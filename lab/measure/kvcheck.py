@@ -166,3 +166,27 @@ def read_file(path: str, tag: str) -> Reading:
         except ValueError:
             return Reading("file", error=f"{key} holds {value[:60]!r}, not an integer")
     return Reading("file", stored)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Read the counters where they are, for a caller elsewhere (the containerised lab runs it
+    by exec): ``python -m lab.measure.kvcheck server HOST PORT TAG INDICES`` (comma-separated)
+    or ``… file PATH TAG``; prints the :class:`Reading` as one JSON line."""
+    import json
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) == 5 and args[0] == "server":
+        indices = [int(i) for i in args[4].split(",") if i]
+        reading = read_through_server(args[1], int(args[2]), args[3], indices)
+    elif len(args) == 3 and args[0] == "file":
+        reading = read_file(args[1], args[2])
+    else:
+        print("usage: python -m lab.measure.kvcheck server HOST PORT TAG I,J,… | file PATH TAG")
+        return 2
+    print(json.dumps(asdict(reading)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

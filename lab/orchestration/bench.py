@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import dataclasses
+import json
 import os
 import sys
 import time
@@ -18,8 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from lab.measure import probe
-from lab.measure.bench import BenchError, ServerSpec
+from lab.measure import kvcheck, probe
+from lab.measure.bench import BenchError, ServerSpec, database_of
 from lab.measure.config import LoadConfig
 from lab.measure.result import LoadResult, merge
 from lab.orchestration import stack
@@ -27,6 +28,8 @@ from lab.orchestration.compose import PROJECT_LABEL, SERVICE_LABEL
 from lab.orchestration.engine import LABELS, PROJECT, LabError, client, engine_has_migrate_req
 from lab.orchestration.loaders import LateStart, LoaderSession
 from lab.orchestration.readings import ContainerReader
+from lab.orchestration.stack import DATA_DIR
+from lab.sockets.config import DEFAULT_DB
 
 if TYPE_CHECKING:
     from docker.models.containers import Container
@@ -126,7 +129,9 @@ class DockerBackend:
     def start(self, server: ServerSpec) -> tuple[str, int]:
         """Reuse what already runs when it is what is asked for (a sweep runs one design many
         times); otherwise switch the server (or put a peer in its place)."""
-        env = {"LAB_TRACE": "0", **options_env(server.options)}  # tracing would be measured
+        # Tracing would be measured. The service is always said (a switch otherwise keeps the
+        # one the server it replaces ran: a kv run's server would serve the next echo run).
+        env = {"LAB_TRACE": "0", "LAB_SERVICE": "echo", "LAB_DB": "", **options_env(server.options)}
         self._remember()
         self._reader = None  # the server may change: read whichever runs after this
         if server.peer or server.command:
@@ -294,6 +299,25 @@ class DockerBackend:
         )
         return [t for t in (probe.local_conntrack(), server) if t is not None]
 
+    def kv_readings(
+        self, server: ServerSpec, config: LoadConfig, indices: list[int]
+    ) -> list[kvcheck.Reading]:
+        """The kv run's counters through the server, from a client container (where
+        ``bakawali`` resolves), and from the database file, in the server's container (on the
+        lab's data volume; a user's server: through itself only)."""
+        clients = [
+            c
+            for c in stack.containers(self.engine, self.project)
+            if c.labels.get(SERVICE_LABEL) == "client" and c.status == "running"
+        ]
+        spread = ",".join(map(str, indices))
+        through = ["server", SERVER_HOST, str(SERVER_PORT), config.tag, spread]
+        readings = [_kv_exec(clients[0] if clients else None, "server", through)]
+        if not server.command:
+            path = database_of(server) or f"{DATA_DIR}/{DEFAULT_DB}"
+            readings.append(_kv_exec(self._server(), "file", ["file", path, config.tag]))
+        return readings
+
     def stop(self) -> None:
         """Nothing: the next run may reuse what runs (`close` ends a sweep)."""
 
@@ -411,6 +435,21 @@ class DockerBackend:
         for session in self._sessions.values():
             session.close()
         self._sessions = {}
+
+
+def _kv_exec(container: Container | None, source: str, args: list[str]) -> kvcheck.Reading:
+    """A :class:`~lab.measure.kvcheck.Reading` made in ``container`` (its JSON line)."""
+    if container is None:
+        return kvcheck.Reading(source, error="no running container to read it from")
+    result = container.exec_run(["python3", "-m", "lab.measure.kvcheck", *args], demux=False)
+    code, output = result.exit_code, result.output
+    text = output.decode("utf-8", "replace").strip() if isinstance(output, bytes) else ""
+    try:
+        data = json.loads(text.splitlines()[-1])
+        return kvcheck.Reading(str(data["source"]), data["stored"], data["error"])
+    except (IndexError, ValueError, KeyError, TypeError):
+        last = text.splitlines()[-1] if text else f"exit code {code}"
+        return kvcheck.Reading(source, error=f"could not read it in {container.name}: {last}")
 
 
 def _wait_listening(container: Container, command: str, program: str) -> None:

@@ -26,6 +26,11 @@ STATS_TIMEOUT = 5.0  # seconds to wait for the statistics line after SIGUSR1
 # itself beside compose (a bench's peer): compose neither knows nor removes it.
 COMPOSE_SERVICES = ("server", "client")
 ECHO_PORT = "12345/tcp"  # the server's port inside its container, published on host loopback
+# The server's working folder (compose.yaml's working_dir): the lab's data volume, where the kv
+# service keeps its default database (./lab-kv.sqlite3) across `lab down` and `lab switch`.
+DATA_DIR = "/data"
+DATA_VOLUME = "lab-data"  # compose.yaml's name for it (the engine's: <project>_lab-data)
+SERVICE_VARS = ("LAB_SERVICE", "LAB_DB")  # what a switch keeps of the server it replaces
 
 
 @dataclass(frozen=True)
@@ -241,20 +246,28 @@ def wait_for_introductions(
     raise LabError(f"clients still busy after {timeout:g} s: {', '.join(pending)} — see `lab logs`")
 
 
-def down(project: str = PROJECT, timeout: int = 20) -> int:
+def down(project: str = PROJECT, timeout: int = 20, volumes: bool = False) -> int:
     """Remove every container and network of the project — compose's and the peers a bench
-    started beside them — but no image and no volume; returns how many containers went.
+    started beside them — but no image, and the data volume only with ``volumes``; returns how
+    many containers went.
 
     ``timeout``: seconds the server may drain its connections (SIGTERM) before SIGKILL."""
     engine = client()
     count = len(containers(engine, project))
     remove_foreign(engine, project)  # first: a peer's endpoint would keep labnet in use
     failure: LabError | None = None
+    args = [
+        "down",
+        "--remove-orphans",
+        "--timeout",
+        str(timeout),
+        *(["--volumes"] if volumes else []),
+    ]
     try:
-        compose.run(["down", "--remove-orphans", "--timeout", str(timeout)], project=project)
+        compose.run(args, project=project)
     except LabError as exc:
         failure = exc  # maybe only the network; sweep by label below, then judge
-    left = _remove_labelled(engine, project)
+    left = _remove_labelled(engine, project, volumes)
     if left:
         why = f" ({failure})" if failure else ""
         raise LabError(
@@ -264,9 +277,10 @@ def down(project: str = PROJECT, timeout: int = 20) -> int:
     return count
 
 
-def _remove_labelled(engine: docker.DockerClient, project: str) -> list[str]:
-    """Force-remove the project's containers, then its networks, that are still there (by the
-    project label and the lab's own); returns what could not be removed."""
+def _remove_labelled(engine: docker.DockerClient, project: str, volumes: bool = False) -> list[str]:
+    """Force-remove the project's containers, then its networks (and with ``volumes`` its
+    volumes), that are still there (by the project label and the lab's own); returns what could
+    not be removed."""
     from docker.errors import APIError, NotFound
 
     labels: dict[str, str | list[str] | bool] = {
@@ -278,9 +292,15 @@ def _remove_labelled(engine: docker.DockerClient, project: str) -> list[str]:
     for network in engine.networks.list(filters=labels):
         with contextlib.suppress(NotFound, APIError):
             network.remove()
+    left_volumes: list[str] = []
+    if volumes:
+        for volume in engine.volumes.list(filters=labels):
+            with contextlib.suppress(NotFound, APIError):
+                volume.remove(force=True)
+        left_volumes = [f"volume {v.name}" for v in engine.volumes.list(filters=labels)]
     listed = engine.containers.list(all=True, filters=labels, ignore_removed=True)
     left = [f"container {c.name}" for c in listed]
-    return left + [f"network {n.name}" for n in engine.networks.list(filters=labels)]
+    return left + [f"network {n.name}" for n in engine.networks.list(filters=labels)] + left_volumes
 
 
 def server_stats(engine: docker.DockerClient, project: str = PROJECT) -> dict[str, Any] | None:
@@ -328,6 +348,16 @@ def switch(design: str, project: str = PROJECT, extra_env: dict[str, str] | None
     server = server_container(engine, project)
     remove_foreign(engine, project)  # a peer left on labnet would answer for bakawali too
     kept = {} if "LAB_HOST_PORT" in os.environ else _published_port(server)
+    # The service (and its database) stay what they were unless this switch says otherwise:
+    # a switch changes the design, and the keys on the data volume are there for the next one.
+    settings = _env(server)
+    kept.update(
+        {
+            name: settings[name]
+            for name in SERVICE_VARS
+            if settings.get(name) and name not in os.environ
+        }
+    )
     env = {"LAB_IMAGE": member(server).image, **kept, "LAB_DESIGN": design, **(extra_env or {})}
     compose.run(["up", "-d", "--no-deps", "--force-recreate", "server"], env=env, project=project)
     wait_healthy(engine, project)

@@ -16,6 +16,9 @@ arrived so far (the echo can come back in several pieces). This client:
 With ``nul=True`` it appends the terminating ``b"\\0"`` the original sends (its
 ``strlen(msg) + 1``): the chapter's message is then 49 bytes.
 
+:class:`KvSession` speaks the kv service instead (``--service kv``, lab.sockets.kv): one
+connection, a command line out, its reply line back, as many times as asked.
+
 Exit codes (each :class:`ClientError` subclass carries its own as ``exit_code``):
 
 * 0 ``EXIT_OK`` — the echo matched what was sent;
@@ -50,6 +53,7 @@ __all__ = [
     "EXIT_USAGE",
     "ClientError",
     "Exchange",
+    "KvSession",
     "MismatchError",
     "NameNotFoundError",
     "NetworkError",
@@ -188,6 +192,65 @@ def exchange(
         sent=payload,
         received=received,
     )
+
+
+class KvSession:
+    """One connection to a kv server: :meth:`command` sends a line and returns its reply line
+    (without the newline). Every failure is a :class:`ClientError` naming the fix; a server
+    that sends the command back is an echo server, and says so."""
+
+    #: A reply line longer than this is no kv reply (SCAN's longest is ~251 KB).
+    MAX_REPLY = 1 << 20
+
+    def __init__(self, host: str, port: int = DEFAULT_PORT, timeout: float = DEFAULT_TIMEOUT):
+        self.where = _hostport(host, port)
+        self.timeout = timeout
+        self.sock, self.address = _connect(host, port, timeout, self.where)
+        self.buffer = bytearray()
+
+    def command(self, line: bytes) -> bytes:
+        request = line.rstrip(b"\r\n") + b"\n"
+        try:
+            self.sock.sendall(request)
+        except OSError as exc:
+            raise _io_error(exc, self.where, self.timeout, "sending", 0, len(request)) from exc
+        while (end := self.buffer.find(b"\n")) < 0:
+            if len(self.buffer) > self.MAX_REPLY:
+                raise MismatchError(
+                    f"no reply line from {self.where} within {self.MAX_REPLY:,} bytes — is it "
+                    "a kv server (--service kv)?",
+                    expected=b"",
+                    received=bytes(self.buffer[:100]),
+                )
+            try:
+                chunk = self.sock.recv(_RECV_CHUNK)
+            except OSError as exc:
+                raise _io_error(exc, self.where, self.timeout, "receiving", 0, 0) from exc
+            if not chunk:
+                raise ResetError(
+                    f"{self.where} closed the connection before replying — is it a kv server "
+                    "(--service kv) that is still running?"
+                )
+            self.buffer += chunk
+        reply = bytes(self.buffer[:end]).rstrip(b"\r")
+        del self.buffer[: end + 1]
+        if reply == request[:-1] and not reply.startswith(b"ERR"):
+            raise MismatchError(
+                f"{self.where} sent the command back: it is an echo server — start it with "
+                "--service kv (in the lab: lab switch DESIGN --service kv)",
+                expected=b"",
+                received=reply,
+            )
+        return reply
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> KvSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def report_lines(result: Exchange) -> list[str]:
