@@ -77,3 +77,15 @@ def test_kv_mistakes_are_one_line_usage_errors() -> None:
     assert mixed.exit_code == 2 and "give kv commands as arguments" in mixed.output
     stray = runner.invoke(app, ["client", "127.0.0.1", "GET x"])
     assert stray.exit_code == 2 and "need --kv" in stray.output
+
+
+def test_without_a_host_the_commands_go_to_lab_server(
+    start_server: ServerFactory, tmp_path: Path
+) -> None:
+    """In a client container LAB_SERVER names bakawali: `lab client --kv "INCR hits"`."""
+    port = kv_server(start_server, tmp_path)
+    args = ["client", "--kv", "-p", str(port), "INCR hits", "GET hits"]
+    out = runner.invoke(app, args, env={"LAB_SERVER": "127.0.0.1"})
+    assert out.exit_code == 0 and out.stdout.splitlines() == ["1", "1"], out.output
+    alone = runner.invoke(app, args, env={"LAB_SERVER": ""})
+    assert alone.exit_code == 2 and "give it before the commands" in alone.output

@@ -8,6 +8,7 @@ and a failure into one line on stderr and an exit code (see that module for the 
 from __future__ import annotations
 
 import math
+import os
 from typing import Annotated
 
 import typer
@@ -81,7 +82,15 @@ def client(
         if message is not None or nul:
             _error("--message and --nul are for echo: give kv commands as arguments with --kv")
             raise typer.Exit(sockclient.EXIT_USAGE)
-        code = _kv(host, port, commands or [], timeout=timeout)
+        commands = commands or []
+        if len(host.split()) > 1:
+            # A kv command always has an argument, so a space; a host never does: the command
+            # line named no host (`lab client --kv "INCR hits"` in a client container).
+            commands, host = [host, *commands], os.environ.get("LAB_SERVER", "")
+            if not host:
+                _error("no HOST: give it before the commands (lab client HOST --kv 'GET k')")
+                raise typer.Exit(sockclient.EXIT_USAGE)
+        code = _kv(host, port, commands, timeout=timeout)
     elif commands:
         _error(f"unexpected argument {commands[0]!r}: kv commands need --kv; a message, -m TEXT")
         raise typer.Exit(sockclient.EXIT_USAGE)

@@ -367,7 +367,8 @@ def remove_project(engine: docker.DockerClient, project: str) -> list[str]:
 
 
 def remove_labelled(engine: docker.DockerClient, labels: Iterable[str]) -> list[str]:
-    """Force-remove the containers, then the networks, carrying any of ``labels`` (k=v)."""
+    """Force-remove the containers, then the networks and volumes, carrying any of ``labels``
+    (k=v)."""
     from docker.errors import APIError, NotFound
 
     labels = list(labels)
@@ -384,4 +385,9 @@ def remove_labelled(engine: docker.DockerClient, labels: Iterable[str]) -> list[
             with contextlib.suppress(NotFound, APIError):
                 network.remove()
                 removed.append(f"network {network.name}")
+    for label in labels:  # the data volume (the kv database), once no container holds it
+        for volume in engine.volumes.list(filters={"label": label}):
+            with contextlib.suppress(NotFound, APIError):
+                volume.remove(force=True)
+                removed.append(f"volume {volume.name}")
     return removed
