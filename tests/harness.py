@@ -311,3 +311,17 @@ def echo_once(
                 break
             received += chunk
         return bytes(received)
+
+
+def children_of(pid: int) -> list[int]:
+    """Direct children of ``pid`` (from /proc), zombies included."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat[stat.rindex(")") + 2 :].split()[1]) == pid:
+                found.append(int(entry))
+    return found

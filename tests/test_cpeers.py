@@ -26,6 +26,7 @@ from harness import (
     ORIGINAL_MESSAGE,
     RunningServer,
     ServerFactory,
+    children_of,
     descendants,
     echo_once,
     wait_until,
@@ -96,20 +97,6 @@ def echo_streaming(port: int, payload: bytes, rcvbuf: int | None = None) -> byte
             received += chunk
         sender.join(30)
         return bytes(received)
-
-
-def children_of(pid: int) -> list[int]:
-    """Direct children of ``pid`` (from /proc), zombies included."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            if int(stat[stat.rindex(")") + 2 :].split()[1]) == pid:
-                found.append(int(entry))
-    return found
 
 
 def gone(pid: int) -> bool:

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from harness import ServerFactory
+from harness import ServerFactory, children_of
 from typer.testing import CliRunner
 
 from lab.cli.app import app
@@ -48,19 +48,6 @@ PROCESS_DESIGNS = [
 
 def kv_config(**overrides: object) -> object:
     return make_config("127.0.0.1", port=1, **{**KV, **overrides})  # type: ignore[arg-type]
-
-
-def children_of(pid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            if int(stat[stat.rindex(")") + 2 :].split()[1]) == pid:
-                found.append(int(entry))
-    return found
 
 
 @pytest.mark.parametrize("design", list(DESIGNS))

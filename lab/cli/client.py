@@ -104,17 +104,24 @@ def _error(text: str) -> None:
     typer.echo(f"{_PROG}: error: {text}", err=True)
 
 
-def _client(host: str, port: int, message: str | None, *, nul: bool, timeout: float) -> int:
-    """Run the exchange; print the original's lines or one error line. Return the exit code."""
+def _usable(host: str, port: int, timeout: float) -> bool:
+    """Whether the address and timeout can make sense (else one error line said why)."""
     if not 1 <= port <= 65535:
         _error(f"--port must be between 1 and 65535, got {port}")
-        return sockclient.EXIT_USAGE
+        return False
     # "not > 0" also rejects NaN, which compares false with everything.
     if not timeout > 0 or math.isinf(timeout):
         _error(f"--timeout must be a positive number of seconds, got {timeout}")
-        return sockclient.EXIT_USAGE
+        return False
     if not host:
         _error("HOST is empty — give a name or an address such as 127.0.0.1")
+        return False
+    return True
+
+
+def _client(host: str, port: int, message: str | None, *, nul: bool, timeout: float) -> int:
+    """Run the exchange; print the original's lines or one error line. Return the exit code."""
+    if not _usable(host, port, timeout):
         return sockclient.EXIT_USAGE
 
     if message is None:
@@ -144,11 +151,7 @@ EXIT_KV_ERROR = 9
 
 def _kv(host: str, port: int, commands: list[str], *, timeout: float) -> int:
     """Each command, its reply printed; without commands, stdin's lines (interactive)."""
-    if not 1 <= port <= 65535:
-        _error(f"--port must be between 1 and 65535, got {port}")
-        return sockclient.EXIT_USAGE
-    if not timeout > 0 or math.isinf(timeout):
-        _error(f"--timeout must be a positive number of seconds, got {timeout}")
+    if not _usable(host, port, timeout):
         return sockclient.EXIT_USAGE
     stdin = typer.get_binary_stream("stdin")
     interactive = not commands
