@@ -291,12 +291,15 @@ def _kv_readings(
     """The run's counters read through the server and from the database file (by the backend,
     which knows how to reach both; a user's server is read through itself only)."""
     assert result.kv_incr is not None
+    # The counters of the run that was measured: a backend that ran the load again (a late
+    # start) gave that run a tag of its own.
+    tag = str(result.kv_incr["tag"])
     indices = sorted(int(i) for i in result.kv_incr["counters"])
     read = getattr(backend, "kv_readings", None)
     if read is not None:
-        readings: list[kvcheck.Reading] = read(server, config, indices)
+        readings: list[kvcheck.Reading] = read(server, tag, indices)
         return readings
-    return [kvcheck.read_through_server(config.host, config.port, config.tag, indices)]
+    return [kvcheck.read_through_server(config.host, config.port, tag, indices)]
 
 
 def _room_for_a_run(backend: Backend, needed: int) -> list[probe.Conntrack]:
@@ -614,12 +617,12 @@ class LocalBackend:
         return os.path.join(self._kv_dir, "kv.sqlite")
 
     def kv_readings(
-        self, server: ServerSpec, config: LoadConfig, indices: list[int]
+        self, server: ServerSpec, tag: str, indices: list[int]
     ) -> list[kvcheck.Reading]:
-        readings = [kvcheck.read_through_server("127.0.0.1", self.port, config.tag, indices)]
+        readings = [kvcheck.read_through_server("127.0.0.1", self.port, tag, indices)]
         path = database_of(server)
         if path is not None:
-            readings.append(kvcheck.read_file(path, config.tag))
+            readings.append(kvcheck.read_file(path, tag))
         return readings
 
     def load(self, config: LoadConfig) -> LoadResult:

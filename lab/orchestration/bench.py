@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import secrets
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from lab.measure import kvcheck, probe
 from lab.measure.bench import BenchError, ServerSpec, database_of
-from lab.measure.config import LoadConfig
+from lab.measure.config import KV, LoadConfig
 from lab.measure.result import LoadResult, merge
 from lab.orchestration import stack
 from lab.orchestration.compose import PROJECT_LABEL, SERVICE_LABEL
@@ -300,7 +301,7 @@ class DockerBackend:
         return [t for t in (probe.local_conntrack(), server) if t is not None]
 
     def kv_readings(
-        self, server: ServerSpec, config: LoadConfig, indices: list[int]
+        self, server: ServerSpec, tag: str, indices: list[int]
     ) -> list[kvcheck.Reading]:
         """The kv run's counters through the server, from a client container (where
         ``bakawali`` resolves), and from the database file, in the server's container (on the
@@ -311,11 +312,11 @@ class DockerBackend:
             if c.labels.get(SERVICE_LABEL) == "client" and c.status == "running"
         ]
         spread = ",".join(map(str, indices))
-        through = ["server", SERVER_HOST, str(SERVER_PORT), config.tag, spread]
+        through = ["server", SERVER_HOST, str(SERVER_PORT), tag, spread]
         readings = [_kv_exec(clients[0] if clients else None, "server", through)]
         if not server.command:
             path = database_of(server) or f"{DATA_DIR}/{DEFAULT_DB}"
-            readings.append(_kv_exec(self._server(), "file", ["file", path, config.tag]))
+            readings.append(_kv_exec(self._server(), "file", ["file", path, tag]))
         return readings
 
     def stop(self) -> None:
@@ -404,8 +405,11 @@ class DockerBackend:
         # to run at all: the same, try a longer lead.
         sessions = [self._session(container) for container in loaders]
         timeout = config.warmup + config.duration + 60.0
-        for lead in START_LEADS:
+        for attempt, lead in enumerate(START_LEADS):
             start_at = time.time() + lead
+            if attempt and config.workload == KV:
+                # The run before was thrown away, but its INCRs committed: counters of its own.
+                config = dataclasses.replace(config, tag=secrets.token_hex(4))
             configs = [share_config(config, start_at, i, len(loaders)) for i in range(len(loaders))]
             try:
                 with ThreadPoolExecutor(len(loaders)) as pool:
