@@ -344,12 +344,22 @@ def migrate_scenario(setting: str) -> dict[str, object]:
             serving = sum(sleeping_in(pid) == "readv" for pid in workers)
             return serving, sum(listeners(server.port).values())
 
+        def landed(total: int) -> bool:
+            """The new connection has landed: ``total`` held or queued, and no worker still
+            in accept() has a queue (a connection queued for an idle worker is in the middle
+            of being accepted: counting it as queued then would count it twice)."""
+            queue = listeners(server.port)
+            serving = {pid: sleeping_in(pid) == "readv" for pid in workers}
+            held = sum(serving.values()) + sum(queue.values())
+            return held == total and all(serving[p] or not queue[inode_of[p]] for p in workers)
+
         # Connect until both workers hold a connection (each is accepted by the worker its
         # hash chose, or queued behind it when that one is busy).
         while state()[0] < 2:
             before = state()
             sock = socket.create_connection(("127.0.0.1", server.port), timeout=GUARD)
-            assert wait_until(lambda b=before: state() != b, timeout=GUARD)  # type: ignore[misc]
+            total = sum(before) + 1
+            assert wait_until(lambda t=total: landed(t), timeout=GUARD)  # type: ignore[misc]
             (busy if state()[0] > before[0] else queued).append(sock)
         victim, other = workers
         # More, until the victim's socket has some queued (each lands there with p = 1/2).

@@ -245,6 +245,7 @@ class DockerBackend:
             tmpfs={"/tmp": ""},
             security_opt=["no-new-privileges:true"],
             pids_limit=1200,
+            mem_limit=int(server.attrs["HostConfig"].get("Memory") or 0) or None,
             sysctls=peer_sysctls(),
             network=network,
             networking_config={network: endpoint},

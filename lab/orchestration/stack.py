@@ -253,7 +253,12 @@ def down(project: str = PROJECT, timeout: int = 20, volumes: bool = False) -> in
 
     ``timeout``: seconds the server may drain its connections (SIGTERM) before SIGKILL."""
     engine = client()
-    count = len(containers(engine, project))
+    found = containers(engine, project)
+    count = len(found)
+    for container in found:  # a fault left in place (`lab fault pause`): a paused one won't stop
+        if container.status == "paused":
+            with contextlib.suppress(Exception):
+                container.unpause()
     remove_foreign(engine, project)  # first: a peer's endpoint would keep labnet in use
     failure: LabError | None = None
     args = [
