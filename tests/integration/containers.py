@@ -25,7 +25,7 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -391,3 +391,29 @@ def remove_labelled(engine: docker.DockerClient, labels: Iterable[str]) -> list[
                 volume.remove(force=True)
                 removed.append(f"volume {volume.name}")
     return removed
+
+
+@contextlib.contextmanager
+def bench_backend(engine: docker.DockerClient, project: str, clients: int) -> Iterator[Any]:
+    """A :class:`~lab.orchestration.bench.DockerBackend` on ``project`` (a lab of ``clients``
+    clients, published on a free loopback port, not the user's 12345); at the end the backend
+    closes and the whole project goes, its data volume included."""
+    import pytest
+    from labcli import free_loopback_port
+
+    from lab.orchestration import compose
+    from lab.orchestration.bench import DockerBackend
+    from lab.orchestration.engine import LabError
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LAB_HOST_PORT", str(free_loopback_port()))
+        backend = DockerBackend(project=project, clients=clients)
+        try:
+            yield backend
+        finally:
+            backend.close()
+            with contextlib.suppress(LabError):
+                compose.run(
+                    ["down", "--remove-orphans", "--volumes", "--timeout", "0"], project=project
+                )
+            remove_project(engine, project)

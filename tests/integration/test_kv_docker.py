@@ -5,21 +5,19 @@ server and from the file; and a server that loses updates fails the check there 
 
 from __future__ import annotations
 
-import contextlib
 import shlex
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
-from containers import remove_project
-from labcli import free_loopback_port, lab, ok, status
+from containers import bench_backend
+from labcli import lab, ok, status
 
 from lab.measure.bench import ServerSpec, bench
 from lab.measure.config import make_config
 from lab.orchestration import compose, stack
 from lab.orchestration.bench import DockerBackend
-from lab.orchestration.engine import LabError
 from lab.sockets.designs import DESIGNS
 
 if TYPE_CHECKING:
@@ -67,19 +65,8 @@ def backend(
     module_project: str, lab_image: str, docker_engine: docker.DockerClient
 ) -> Iterator[DockerBackend]:
     """One lab (3 clients: INCRs on the same counters from three containers at once)."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("LAB_HOST_PORT", str(free_loopback_port()))
-        backend = DockerBackend(project=module_project, clients=3)
-        try:
-            yield backend
-        finally:
-            backend.close()
-            with contextlib.suppress(LabError):
-                compose.run(
-                    ["down", "--remove-orphans", "--volumes", "--timeout", "0"],
-                    project=module_project,
-                )
-            remove_project(docker_engine, module_project)  # type: ignore[arg-type]
+    with bench_backend(docker_engine, module_project, clients=3) as backend:
+        yield backend
 
 
 def kv_load() -> object:

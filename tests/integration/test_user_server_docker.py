@@ -6,40 +6,35 @@ shows (a program the image lacks, a server on loopback only, one that exits at o
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shlex
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
-from containers import remove_project
-from labcli import free_loopback_port
+from containers import bench_backend
 
 from lab.measure import usercmd
 from lab.measure.bench import ServerSpec, bench
 from lab.measure.config import make_config
-from lab.orchestration import compose, stack
+from lab.orchestration import stack
 from lab.orchestration.bench import SERVER_HOST, DockerBackend
-from lab.orchestration.engine import LabError
+
+if TYPE_CHECKING:
+    import docker
 
 TESTS = Path(__file__).resolve().parents[1]  # holds user_echo.py, mounted into the container
 SIZE = 49
 
 
 @pytest.fixture(scope="module")
-def backend(module_project: str, lab_image: str, docker_engine: object) -> Iterator[DockerBackend]:
+def backend(
+    module_project: str, lab_image: str, docker_engine: docker.DockerClient
+) -> Iterator[DockerBackend]:
     """One lab for the module (2 clients), its bench backend; all of it removed at the end."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("LAB_HOST_PORT", str(free_loopback_port()))  # not the user's 12345
-        backend = DockerBackend(project=module_project, clients=2)
-        try:
-            yield backend
-        finally:
-            backend.close()
-            with contextlib.suppress(LabError):
-                compose.run(["down", "--remove-orphans", "--timeout", "0"], project=module_project)
-            remove_project(docker_engine, module_project)  # type: ignore[arg-type]
+    with bench_backend(docker_engine, module_project, clients=2) as backend:
+        yield backend
 
 
 def fixed_load(requests: int) -> object:
