@@ -371,7 +371,8 @@ def _io_error(
     if isinstance(exc, TimeoutError):
         return TimedOutError(
             f"timed out after {timeout:g} s {doing} ({progress}) — is the server on {where} "
-            "an echo server, and not stuck? (or raise --timeout)"
+            "an echo server (a kv one waits for a whole line: lab client --kv), and not "
+            "stuck? (or raise --timeout)"
         )
     if isinstance(exc, ConnectionResetError | ConnectionAbortedError | BrokenPipeError):
         # A RST from the peer: it crashed, or closed while data it never read was still
