@@ -37,7 +37,6 @@ __all__ = [
     "DEFAULT_STARVE_AFTER",
     "DEFAULT_TIMEOUT",
     "DEFAULT_WARMUP",
-    "DISTRIBUTIONS",
     "KV",
     "KV_OPS",
     "MAX_DURATION",
@@ -59,10 +58,7 @@ KV_OPS = ("get", "set", "incr", "del")
 DEFAULT_MIX = "get=80,set=15,incr=5"
 DEFAULT_KEYS = 1000
 MAX_KEYS = 1_000_000
-#: How the kv workload picks a key: every key alike, or Zipf's law (the k-th most popular key
-#: k^-s as likely as the first; ``zipf`` is s = 1, ``zipf:S`` another s).
-DISTRIBUTIONS = ("uniform", "zipf")
-MAX_ZIPF = 5.0
+MAX_ZIPF = 5.0  # the steepest --distribution zipf:S
 #: A SET line is ``SET load:k:<key> <key>.<value>``: the value's bytes must leave room for
 #: the rest within the service's 4,096-byte line.
 MAX_VALUE = 4000
@@ -184,7 +180,8 @@ def parse_mix(text: str) -> dict[str, int]:
 
 
 def zipf_exponent(distribution: str) -> float | None:
-    """``uniform`` → None; ``zipf`` → 1.0; ``zipf:S`` → S."""
+    """How the kv workload picks a key: ``uniform`` (every key alike) → None; Zipf's law (the
+    k-th most popular key k^-s as likely as the first): ``zipf`` → 1.0, ``zipf:S`` → S."""
     if distribution == "uniform":
         return None
     name, _, exponent = distribution.partition(":")
