@@ -6,13 +6,14 @@ from __future__ import annotations
 import resource
 import shutil
 import socket
+import os
 import time
 
 from harness import ServerFactory, cpu_seconds, require, server_command, wait_until
 
 from lab.sockets.config import ServerConfig
 from lab.sockets.designs.sendmsg import CONNECTION, SendmsgServer, unsent_bytes
-from lab.sockets.stats import RECEIVED
+from lab.sockets.stats import RECEIVED, STOPPED
 
 
 class Pool(SendmsgServer):
@@ -24,6 +25,8 @@ class Pool(SendmsgServer):
         self.channel.setblocking(False)
         self.sent = self.received_gone = 0
         self.started = 0
+        self.held: int | None = None
+        self.too_many_refs = False
         self.worker = self.counters.assign()
         self.counters.bind(self.worker, 4242)
         self.children[4242] = "worker"
@@ -31,6 +34,9 @@ class Pool(SendmsgServer):
     def spawn_worker(self) -> int:
         self.started += 1
         return 0
+
+    def wait_for_children(self) -> None:
+        """No child was forked; nothing to wait for."""
 
 
 def test_a_queue_count_that_drifted_up_is_resynchronised_with_the_kernel() -> None:
@@ -101,3 +107,24 @@ def test_etoomanyrefs_sheds_connections_without_spinning(start_server: ServerFac
     assert server.stop() == 0
     final = server.final_stats()
     assert final["in_flight"] == 0, final  # what stayed queued is counted, not lost
+
+
+def test_a_connection_held_at_the_stop_is_queued_without_blocking_on_the_channel() -> None:
+    # Once: finish() made the channel blocking with the grace period as its timeout, and the
+    # held connection's successful sendmsg() went on to read worker messages from it — with
+    # nothing to read it blocked for the grace period, then raised an uncaught TimeoutError
+    # (exit 1, no statistics line). Run against that code this test raised it.
+    pool = Pool()
+    pool.children.clear()  # no worker at all: nothing will ever be said on the channel
+    pool.counters.release(pool.worker)
+    a, b = socket.socketpair()  # stands for the connection
+    pool.held = os.dup(a.fileno())
+    pool.stopping = True
+    pool._stop_deadline = time.monotonic() + 0.5
+    pool.finish()
+    assert pool.held is None
+    assert unsent_bytes(pool.channel) > 0  # the held connection went into the queue …
+    assert pool.sent == 1
+    assert pool.stats.failed.get(STOPPED) == 1  # … and, with no worker to take it, is counted cut
+    a.close()
+    b.close()
