@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
 from typer.testing import CliRunner
 
 from lab.cli.app import app
@@ -43,3 +44,28 @@ def test_fault_options_are_checked_before_any_lab_is_needed() -> None:
     assert out.exit_code == 2
     out = runner.invoke(app, ["fault", "bogus"])
     assert out.exit_code == 2
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["delay", "10", "--jitter", "20"],  # jitter above the delay
+        ["delay", "0"],
+        ["delay", "10", "--client", "0"],
+        ["loss", "0"],
+        ["loss", "101"],
+        ["rate", "1"],
+        ["partition", "0"],
+        ["partition"],  # which client
+        ["stall", "--for", "0"],
+    ],
+)
+def test_network_fault_options_are_refused_before_any_lab_is_needed(argv: list[str]) -> None:
+    out = CliRunner().invoke(app, ["fault", *argv])
+    assert out.exit_code == 2, out.output
+    assert "Traceback" not in out.output
+
+
+def test_every_network_fault_is_a_command() -> None:
+    out = CliRunner().invoke(app, ["fault", "--help"])
+    assert all(kind in out.output for kind in faults.NETWORK_FAULTS), out.output

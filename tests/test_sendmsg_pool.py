@@ -3,10 +3,10 @@ instead of spinning, and descriptors left queued at the end are counted, not los
 
 from __future__ import annotations
 
+import os
 import resource
 import shutil
 import socket
-import os
 import time
 
 from harness import ServerFactory, cpu_seconds, require, server_command, wait_until

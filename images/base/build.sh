@@ -11,7 +11,7 @@ set -euo pipefail
 
 readonly SUITE=bookworm
 readonly VARIANT=minbase
-readonly PACKAGES="python3,iproute2,procps,socat,tcpdump,netcat-openbsd,ca-certificates"
+readonly PACKAGES="python3,iproute2,iptables,procps,socat,tcpdump,netcat-openbsd,ca-certificates"
 readonly REPO=lab-base
 readonly FALLBACK_MIRROR=http://deb.debian.org/debian
 readonly MIN_FREE_KB=$((1024 * 1024)) # 1 GiB free under /var/tmp (the rootfs is ~300 MB)

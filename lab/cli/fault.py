@@ -3,16 +3,47 @@ undone (the work is :mod:`lab.orchestration.faults`)."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from lab.cli.errors import user_errors
 
 app = typer.Typer(
-    help="Inject faults into the running lab: kill a worker, pause the server; show, clear.",
+    help=(
+        "Inject faults into the running lab: kill a worker, pause the server, impair a "
+        "client's path (delay, stall, loss, rate, partition); show, clear."
+    ),
     no_args_is_help=True,
 )
+
+ClientOption = Annotated[
+    list[int] | None,
+    typer.Option(
+        "--client",
+        min=1,
+        help="the client (its number, as `lab status` shows); repeat; default all",
+    ),
+]
+ForOption = Annotated[
+    float | None,
+    typer.Option("--for", min=0.1, help="undo it after this many seconds (default: stay)"),
+]
+
+
+def _network(kind: str, seconds: float | None, clients: list[int] | None, **spec: Any) -> None:
+    from lab.orchestration import faults
+
+    with user_errors(f"lab fault {kind}"):
+        injected = faults.network_fault(kind, clients=clients or (), seconds=seconds, **spec)
+    undo = (
+        f"undone by itself after {seconds:g} s (sooner: `lab fault clear`)"
+        if seconds is not None
+        else "undo with `lab fault clear` (or `lab down`)"
+    )
+    for fault in injected:
+        typer.echo(f"{fault.spec} on {fault.client} ⇄ server, by {fault.mechanism}")
+    typer.echo(undo)
 
 
 @app.command("kill-worker")
@@ -52,6 +83,57 @@ def pause(
         typer.echo(f"pausing the server for {seconds:g} s…")
         name = faults.pause(seconds=seconds)
     typer.echo(f"resumed {name} after {seconds:g} s")
+
+
+@app.command("delay")
+def delay(
+    milliseconds: Annotated[float, typer.Argument(min=0.1, help="added each way, ms")],
+    jitter: Annotated[float, typer.Option("--jitter", min=0, help="± ms, each way")] = 0.0,
+    clients: ClientOption = None,
+    seconds: ForOption = None,
+) -> None:
+    """Add latency between client(s) and the server (new connections, by the proxy here)."""
+    if jitter > milliseconds:
+        typer.echo(
+            f"lab fault delay: error: --jitter {jitter:g} is above the delay: lower it", err=True
+        )
+        raise typer.Exit(2)
+    _network("delay", seconds, clients, delay_ms=milliseconds, jitter_ms=jitter)
+
+
+@app.command("stall")
+def stall(clients: ClientOption = None, seconds: ForOption = None) -> None:
+    """Stop the path carrying bytes (new connections hang; held bytes go on at the end)."""
+    _network("stall", seconds, clients)
+
+
+@app.command("loss")
+def loss(
+    percent: Annotated[float, typer.Argument(min=0.01, max=100, help="packets dropped, %")],
+    clients: ClientOption = None,
+    seconds: ForOption = None,
+) -> None:
+    """Drop a share of the packets between client(s) and the server, each way."""
+    _network("loss", seconds, clients, loss_pct=percent)
+
+
+@app.command("rate")
+def rate(
+    kbit: Annotated[int, typer.Argument(min=8, help="kbit/s")],
+    clients: ClientOption = None,
+    seconds: ForOption = None,
+) -> None:
+    """Shape the client(s)' sending side to a bandwidth (tbf)."""
+    _network("rate", seconds, clients, rate_kbit=kbit)
+
+
+@app.command("partition")
+def partition(
+    client_number: Annotated[int, typer.Argument(min=1, metavar="CLIENT", help="its number")],
+    seconds: ForOption = None,
+) -> None:
+    """Cut one client off labnet (DROP both ways: sends hang, as across a real cut)."""
+    _network("partition", seconds, [client_number])
 
 
 @app.command("show")

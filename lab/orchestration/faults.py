@@ -7,6 +7,14 @@ and undo it even when the command that paused it died before its ``--for`` ran o
 worker needs no undoing: the design's master reaps it and starts another (or, for a design
 that forks per connection, the next connection gets a new child).
 
+Network faults (``delay``, ``stall``, ``loss``, ``rate``, ``partition``) are made by a helper
+container per client (:mod:`lab.orchestration.netagent`: the lab's image, root with only
+``NET_ADMIN``, in the client's network namespace). The helper is the fault's state: it labels
+itself with what it does, undoes the fault when it stops (SIGTERM, or its own ``--for``) and
+stays behind, exited, as the record until ``clear`` (or ``lab down``) removes it. A helper that
+was killed before it could undo is found by its exit code, and ``clear`` runs the agent's
+idempotent ``clear`` in that client's namespace.
+
 The server's processes are found inside its container (``ps`` by exec, as the server's own
 user, who may signal them): its init (tini, PID 1) runs ``lab serve``, whose children are the
 workers. The health checks are execs of their own (parent 0), never counted as workers.
@@ -17,17 +25,29 @@ from __future__ import annotations
 import contextlib
 import signal
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from lab.orchestration import stack
-from lab.orchestration.engine import PROJECT, LabError, client
+from lab.orchestration.engine import MANAGED_LABEL, PROJECT, LabError, client
 from lab.sockets.designs import DESIGNS
 
 if TYPE_CHECKING:
     from docker.models.containers import Container
 
-__all__ = ["SIGNALS", "WORKER_DESIGNS", "Active", "clear", "kill_worker", "pause", "show"]
+__all__ = [
+    "NETWORK_FAULTS",
+    "SIGNALS",
+    "WORKER_DESIGNS",
+    "Active",
+    "Injected",
+    "clear",
+    "kill_worker",
+    "network_fault",
+    "pause",
+    "show",
+]
 
 #: What ``kill-worker --signal`` may send.
 SIGNALS = {"KILL": signal.SIGKILL, "TERM": signal.SIGTERM, "SEGV": signal.SIGSEGV}
@@ -38,6 +58,31 @@ WORKER_DESIGNS = tuple(
     for name, design in DESIGNS.items()
     if design.pool_of == "processes" or design.family == "fork"
 )
+
+
+#: The network faults, each with what it is in a few words.
+NETWORK_FAULTS = {
+    "delay": "added latency (and jitter) on the client's path to the server",
+    "stall": "the path stops carrying bytes (connections hang, nothing is lost)",
+    "loss": "a share of the packets between the client and the server dropped",
+    "rate": "the client's sending side shaped to a bandwidth",
+    "partition": "every packet between the client and labnet dropped, both ways",
+}
+FAULT_LABEL = "org.lab.fault"  # its kind
+TARGET_LABEL = "org.lab.fault.target"  # the client container it impairs
+SPEC_LABEL = "org.lab.fault.spec"  # what it does, as the user reads it
+READY_TIMEOUT = 30.0  # seconds for a helper to say ``fault ready``
+UNDO_TIMEOUT = 15  # seconds a stopping helper has to undo (a proxy drains for up to 5)
+
+
+@dataclass(frozen=True)
+class Injected:
+    """A network fault put in place on one client."""
+
+    fault: str
+    client: str
+    spec: str
+    mechanism: str
 
 
 @dataclass(frozen=True)
@@ -128,22 +173,208 @@ def _healthy_again(project: str) -> None:
     stack.wait_healthy(client(), project)
 
 
+def _clients(project: str, numbers: Sequence[int]) -> list[Container]:
+    found = [
+        c
+        for c in stack.containers(client(), project)
+        if stack.member(c).service == "client" and c.status == "running"
+    ]
+    if not found:
+        raise LabError("no running client containers: `lab up` starts them")
+    if not numbers:
+        return found
+    by_number = {stack.member(c).number: c for c in found}
+    missing = [n for n in numbers if n not in by_number]
+    if missing:
+        raise LabError(
+            f"no client {missing[0]}: the lab has clients {', '.join(map(str, sorted(by_number)))}"
+        )
+    return [by_number[n] for n in numbers]
+
+
+def network_fault(
+    kind: str,
+    *,
+    clients: Sequence[int] = (),
+    seconds: float | None = None,
+    delay_ms: float = 0.0,
+    jitter_ms: float = 0.0,
+    loss_pct: float = 0.0,
+    rate_kbit: int = 0,
+    project: str = PROJECT,
+) -> list[Injected]:
+    """Put a network fault on the path between each chosen client (all by default) and the
+    server; returns what is in place, and by which mechanism."""
+    if kind not in NETWORK_FAULTS:
+        raise LabError(f"unknown fault {kind!r}: choose {', '.join(NETWORK_FAULTS)}")
+    targets = _clients(project, clients)
+    engine = client()
+    busy = {}
+    for helper in _helpers(project):
+        if helper.status == "running":
+            busy[helper.labels.get(TARGET_LABEL)] = helper
+        else:  # the record of a fault that ended: make room for its name (sweep if killed)
+            _undo(helper)
+    for target in targets:
+        if target.name in busy:
+            other = busy[target.name].labels.get(FAULT_LABEL, "?")
+            raise LabError(f"{target.name} already has a {other} fault: `lab fault clear` first")
+    spec = _spec(kind, delay_ms, jitter_ms, loss_pct, rate_kbit)
+    argv = ["python3", "-m", "lab.orchestration.netagent", kind, "--port", stack.ECHO_PORT[:-4]]
+    argv += ["--delay", f"{delay_ms:g}", "--jitter", f"{jitter_ms:g}"]
+    argv += ["--loss", f"{loss_pct:g}", "--rate", str(rate_kbit)]
+    if seconds is not None:
+        argv += ["--for", f"{seconds:g}"]
+    started: list[tuple[Container, Container]] = []
+    try:
+        for target in targets:
+            helper = engine.containers.run(
+                str(target.attrs["Image"]),  # the client's own image, by id
+                argv,
+                detach=True,
+                name=f"{target.name}-fault",
+                user="0",  # iptables and tc: root, with NET_ADMIN as its only capability
+                network_mode=f"container:{target.id}",
+                cap_drop=["ALL"],
+                cap_add=["NET_ADMIN"],
+                security_opt=["no-new-privileges"],
+                read_only=True,
+                tmpfs={"/run": "", "/tmp": ""},  # iptables' lock file is in /run
+                pids_limit=32,
+                mem_limit="256m",
+                labels={
+                    MANAGED_LABEL: "true",
+                    stack.FAULT_PROJECT_LABEL: project,
+                    FAULT_LABEL: kind,
+                    TARGET_LABEL: str(target.name),
+                    SPEC_LABEL: spec,
+                },
+            )
+            started.append((target, helper))
+        return [
+            Injected(kind, str(target.name), spec, _ready(helper)) for target, helper in started
+        ]
+    except BaseException:
+        for _, helper in started:
+            _undo(helper)
+        raise
+
+
+def _spec(kind: str, delay_ms: float, jitter_ms: float, loss_pct: float, rate_kbit: int) -> str:
+    if kind == "delay":
+        return (
+            f"delay {delay_ms:g} ms" + (f" ± {jitter_ms:g} ms" if jitter_ms else "") + " each way"
+        )
+    if kind == "loss":
+        return f"loss {loss_pct:g} %"
+    if kind == "rate":
+        return f"rate {rate_kbit} kbit/s"
+    return kind
+
+
+def _ready(helper: Container) -> str:
+    """Wait for the helper's ``fault ready mechanism=…`` line; returns the mechanism."""
+    deadline = time.monotonic() + READY_TIMEOUT
+    while time.monotonic() < deadline:
+        text = helper.logs().decode(errors="replace")
+        for line in text.splitlines():
+            if line.startswith("fault ready mechanism="):
+                return line.partition("=")[2]
+            if line.startswith("fault failed:"):
+                raise LabError(f"{helper.name}: {line} — the fault is not in place")
+        helper.reload()
+        if helper.status == "exited":
+            last = text.strip().splitlines()[-1:] or ["(no output)"]
+            raise LabError(f"{helper.name} exited before the fault was in place: {last[0]}")
+        time.sleep(0.1)
+    raise LabError(f"{helper.name} did not put the fault in place in {READY_TIMEOUT:g} s")
+
+
+def _helpers(project: str) -> list[Container]:
+    return stack.fault_helpers(client(), project)
+
+
+def _undo(helper: Container) -> str:
+    """Stop a helper (it undoes its fault), make sure its rules are gone, remove it. Returns
+    what was undone."""
+    from docker.errors import APIError, NotFound
+
+    target = helper.labels.get(TARGET_LABEL, "?")
+    spec = helper.labels.get(SPEC_LABEL, helper.labels.get(FAULT_LABEL, "?"))
+    with contextlib.suppress(NotFound, APIError):
+        if helper.status in ("running", "created", "restarting"):
+            helper.stop(timeout=UNDO_TIMEOUT)
+        helper.reload()
+        code = helper.attrs.get("State", {}).get("ExitCode", 0)
+        if code != 0 and helper.attrs.get("State", {}).get("Status") == "exited":
+            _sweep(helper, target)  # killed before it undid: its rules may be in place
+        helper.remove(force=True)
+    return f"{spec} removed from {target}"
+
+
+def _sweep(helper: Container, target: str) -> None:
+    """Run the agent's ``clear`` in ``target``'s namespace (a helper of the same kind)."""
+    from docker.errors import APIError, NotFound
+
+    engine = client()
+    try:
+        container = engine.containers.get(target)
+    except NotFound:
+        return  # gone, and its namespace with it
+    if container.status != "running":
+        return
+    with contextlib.suppress(APIError):
+        engine.containers.run(
+            str(helper.attrs["Image"]),
+            ["python3", "-m", "lab.orchestration.netagent", "clear"],
+            remove=True,
+            user="0",
+            network_mode=f"container:{container.id}",
+            cap_drop=["ALL"],
+            cap_add=["NET_ADMIN"],
+            security_opt=["no-new-privileges"],
+            read_only=True,
+            tmpfs={"/run": "", "/tmp": ""},
+            labels={MANAGED_LABEL: "true"},
+        )
+
+
 def show(project: str = PROJECT) -> list[Active]:
-    """The faults in place now (a paused container of the lab)."""
-    return [
+    """The faults in place now: a paused container of the lab, a running fault helper."""
+    paused = [
         Active("pause", str(c.name), "`lab fault clear` (or docker unpause)")
         for c in stack.containers(client(), project)
         if c.status == "paused"
     ]
+    network = [
+        Active(
+            str(h.labels.get(SPEC_LABEL, h.labels.get(FAULT_LABEL, "?"))),
+            str(h.labels.get(TARGET_LABEL, "?")),
+            "`lab fault clear` (or `lab down`)",
+        )
+        for h in _helpers(project)
+        if h.status == "running"
+    ]
+    return paused + network
 
 
 def clear(project: str = PROJECT) -> list[str]:
     """Undo every fault in place; returns what was undone."""
     undone = []
+    for helper in _helpers(project):
+        running = helper.status == "running"
+        killed = not running and helper.attrs.get("State", {}).get("ExitCode", 0) != 0
+        what = _undo(helper)
+        if running:
+            undone.append(what)
+        elif killed:  # it died before undoing: _undo swept its rules
+            undone.append(f"{what} (its helper had died: its rules swept)")
     for active in show(project):
+        if active.fault != "pause":
+            continue
         container = client().containers.get(active.container)
         container.unpause()
         undone.append(f"resumed {active.container}")
-    if undone and stack.find_server(client(), project) is not None:
+    if any(u.startswith("resumed") for u in undone) and stack.find_server(client(), project):
         _healthy_again(project)
     return undone

@@ -31,6 +31,9 @@ ECHO_PORT = "12345/tcp"  # the server's port inside its container, published on 
 DATA_DIR = "/data"
 DATA_VOLUME = "lab-data"  # compose.yaml's name for it (the engine's: <project>_lab-data)
 SERVICE_VARS = ("LAB_SERVICE", "LAB_DB")  # what a switch keeps of the server it replaces
+# A network fault's helper container (lab.orchestration.faults) carries its project here, not
+# in compose's label: compose would call it an orphan, and it is no member of the lab.
+FAULT_PROJECT_LABEL = "org.lab.fault.project"
 
 
 @dataclass(frozen=True)
@@ -120,6 +123,23 @@ def remove_foreign(engine: docker.DockerClient, project: str = PROJECT) -> list[
                 container.remove(force=True)
             removed.append(container.name or container.short_id)
     return removed
+
+
+def fault_helpers(engine: docker.DockerClient, project: str = PROJECT) -> list[Container]:
+    """The network faults' helper containers of the project, running or exited."""
+    return list(
+        engine.containers.list(
+            all=True, filters={"label": f"{FAULT_PROJECT_LABEL}={project}"}, ignore_removed=True
+        )
+    )
+
+
+def remove_fault_helpers(engine: docker.DockerClient, project: str = PROJECT) -> None:
+    from docker.errors import APIError, NotFound
+
+    for helper in fault_helpers(engine, project):
+        with contextlib.suppress(NotFound, APIError):
+            helper.remove(force=True)
 
 
 def whole(found: Sequence[Container]) -> bool:
@@ -259,6 +279,7 @@ def down(project: str = PROJECT, timeout: int = 20, volumes: bool = False) -> in
         if container.status == "paused":
             with contextlib.suppress(Exception):
                 container.unpause()
+    remove_fault_helpers(engine, project)  # their rules go with the clients' namespaces
     remove_foreign(engine, project)  # first: a peer's endpoint would keep labnet in use
     failure: LabError | None = None
     args = [

@@ -37,6 +37,7 @@ from testcontainers.core.wait_strategies import ExecWaitStrategy, LogMessageWait
 
 from lab.orchestration.compose import PROJECT_LABEL
 from lab.orchestration.engine import LABELS
+from lab.orchestration.stack import FAULT_PROJECT_LABEL as FAULT_LABEL
 
 if TYPE_CHECKING:
     import docker
@@ -355,7 +356,8 @@ def sweep(engine: docker.DockerClient, projects: Iterable[str] = ()) -> list[str
     a project P this run brought up (all named labtest-<run>-…), are touched. Returns what went.
     """
     labels = [f"{RUN_LABEL}={RUN_ID}"]
-    labels += [f"{PROJECT_LABEL}={p}" for p in projects if p.startswith(PROJECT_PREFIX)]
+    ours = [p for p in projects if p.startswith(PROJECT_PREFIX)]
+    labels += [f"{label}={p}" for p in ours for label in (FAULT_LABEL, PROJECT_LABEL)]
     return remove_labelled(engine, labels)
 
 
@@ -363,7 +365,8 @@ def remove_project(engine: docker.DockerClient, project: str) -> list[str]:
     """Force-remove a compose project's containers and networks (one of this run's only)."""
     if not project.startswith(PROJECT_PREFIX):
         raise ValueError(f"{project!r} is not a project of this test run ({PROJECT_PREFIX}-…)")
-    return remove_labelled(engine, [f"{PROJECT_LABEL}={project}"])
+    # A network fault's helper first: it shares a client's network namespace.
+    return remove_labelled(engine, [f"{FAULT_LABEL}={project}", f"{PROJECT_LABEL}={project}"])
 
 
 def remove_labelled(engine: docker.DockerClient, labels: Iterable[str]) -> list[str]:

@@ -1,7 +1,9 @@
 """Every container of the lab — the server, the clients, and a peer a bench puts in the server's
 place — runs hardened: as the unprivileged user, with no capability, a read-only root and a
 tmpfs /tmp, no way to gain privileges, bounded processes and memory, and ports published on
-loopback only. Read from the running containers, as `docker inspect` shows them."""
+loopback only. Read from the running containers, as `docker inspect` shows them. The one listed
+exception, a network fault's helper (root, with NET_ADMIN alone), is held to just that and
+checked to be gone after use."""
 
 from __future__ import annotations
 
@@ -64,6 +66,21 @@ def test_every_container_of_the_lab_is_hardened(
     # The server alone writes its data volume (the kv database), as its own user.
     server = stack.server_container(docker_engine, project)
     assert server.exec_run(["touch", f"{stack.DATA_DIR}/probe"]).exit_code == 0
+
+    # The listed exception: a network fault's helper is root in a client's network namespace,
+    # with NET_ADMIN (iptables, tc) as its only capability, otherwise as bounded as the rest;
+    # and it is gone once the fault is cleared.
+    ok(lab(project, "fault", "delay", "5", "--client", "1"))
+    (helper,) = stack.fault_helpers(docker_engine, project)
+    host = helper.attrs["HostConfig"]
+    assert helper.exec_run(["id", "-u"]).output.decode().strip() == "0"
+    assert host["CapDrop"] == ["ALL"] and host["CapAdd"] == ["NET_ADMIN"], host
+    assert not host.get("Privileged") and host.get("ReadonlyRootfs"), host
+    assert any(o.startswith("no-new-privileges") for o in host.get("SecurityOpt") or []), host
+    assert host.get("PidsLimit", 0) > 0 and host.get("Memory", 0) > 0, host
+    assert host["NetworkMode"].startswith("container:") and not host.get("PortBindings"), host
+    ok(lab(project, "fault", "clear"))
+    assert stack.fault_helpers(docker_engine, project) == []
 
     backend = DockerBackend(project=project, clients=2)
     try:
