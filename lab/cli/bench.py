@@ -22,6 +22,7 @@ from lab.cli.kvoptions import Distribution, Keys, Mix
 
 if TYPE_CHECKING:
     from lab.measure.bench import ServerSpec
+    from lab.measure.faultbench import FaultRun, FaultSpec
 
 console = Console(width=None if sys.stdout.isatty() else 160, stderr=False)
 
@@ -86,13 +87,28 @@ def bench(
             "folder when it is mounted, e.g. --mount .)",
         ),
     ] = None,
+    fault: Annotated[
+        str | None,
+        typer.Option(
+            help="inject a fault mid-run: kill-worker[:TERM|SEGV], pause, delay:MS[:JITTER], "
+            "stall, loss:PCT, rate:KBIT, partition, switch:DESIGN; @N after a network fault "
+            "picks client N (e.g. delay:200@1)",
+        ),
+    ] = None,
+    at: Annotated[
+        float, typer.Option(min=0.0, help="--fault: seconds into the measured window")
+    ] = 1.0,
+    fault_for: Annotated[
+        float, typer.Option(min=0.1, help="--fault: how long it lasts (a kill is an instant)")
+    ] = 1.0,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON for machines")] = False,
 ) -> None:
     """Load one design (or peer, or your own server) and measure it: throughput, latency,
-    server CPU and memory."""
+    server CPU and memory (with --fault: what a fault did to it)."""
     spec = _server_spec(ctx, design, workers, server_cmd, name, mount or [])
     if db is not None:
         spec = _with_database(spec, db, local)
+    injected = _fault_spec(fault, fault_for, spec.design, local) if fault else None
     result = _bench(
         spec,
         workload,
@@ -106,11 +122,17 @@ def bench(
         local,
         pin,
         (mix, keys, distribution),
+        (injected, at),
     )
     if as_json:
         typer.echo(json.dumps(result, indent=2))
     else:
         console.print(result_table([result]))
+        if "fault" in result:
+            from lab.measure.faultbench import FaultRun
+
+            for line in fault_lines(FaultRun(**result["fault"])):
+                typer.echo(line)
     dropped = result["server"].get("conntrack_drops", 0)
     if dropped:
         typer.echo(
@@ -127,6 +149,37 @@ def bench(
         typer.echo(check.line, err=not check.ok)
         if not check.ok:
             raise typer.Exit(1)
+
+
+def _fault_spec(text: str, seconds: float, design: str, local: bool) -> FaultSpec:
+    """``--fault`` parsed and checked against the design and the backend (one line, exit 2)."""
+    from lab.measure.faultbench import FaultError, check_applies, parse_fault
+
+    try:
+        fault = parse_fault(text, seconds)
+        check_applies(fault, design, containers=not local)
+    except FaultError as exc:
+        typer.echo(f"lab bench: error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    return fault
+
+
+def fault_lines(run: FaultRun) -> list[str]:
+    """What a fault did, for people: a line each."""
+    if run.error:
+        return [f"fault {run.fault}: not in place — {run.error}"]
+    errors = ", ".join(f"{kind} {count:,}" for kind, count in sorted(run.errors.items()))
+    back = (
+        f"back after {run.recovery_s:.1f} s"
+        if run.recovery_s is not None
+        else "not back by the end of the run"
+    )
+    return [
+        f"fault {run.fault} at {run.at_s:.1f} s: {run.said}",
+        f"  throughput {run.before_rps:,.0f}/s before, {run.during_rps:,.0f}/s during; {back}",
+        f"  lost {run.lost:,} of {run.in_flight:,} in flight ({errors or 'no error'}); "
+        + ("every echo verified" if run.verified else "CORRUPTED ECHOES"),
+    ]
 
 
 def _with_database(spec: ServerSpec, db: Path, local: bool) -> ServerSpec:
@@ -204,6 +257,7 @@ def _bench(
     local: bool,
     pin: bool,
     kv: tuple[str | None, int | None, str | None],
+    fault: tuple[FaultSpec | None, float] = (None, 0.0),
 ) -> dict[str, Any]:
     from lab.measure.bench import BenchError, LocalBackend, bench
     from lab.measure.config import make_config
@@ -233,7 +287,7 @@ def _bench(
                     from lab.orchestration.bench import DockerBackend
 
                     backend = DockerBackend(pin=pin)
-                return bench(backend, spec, config).to_dict()
+                return bench(backend, spec, config, fault[0], fault[1]).to_dict()
         except (BenchError, LoadError) as exc:
             typer.echo(f"lab bench: error: {exc}", err=True)
             raise typer.Exit(1) from None

@@ -48,7 +48,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from lab.measure import kvcheck, probe
 from lab.measure.config import KV, LoadConfig
-from lab.measure.load import LoaderPool, run_load
+from lab.measure.faultbench import FaultRun, FaultSpec, FaultTimer, analyse
+from lab.measure.load import START_DELAY, LoaderPool, run_load
 from lab.measure.peers import PEERS
 from lab.measure.ports import quiet_port
 from lab.measure.result import LoadResult
@@ -128,6 +129,7 @@ class BenchResult:
     load: dict[str, Any]  # LoadResult.to_dict()
     cost: ServerCost
     kv_check: kvcheck.KvCheck | None = None  # the kv workload's no-lost-update verdict
+    fault: FaultRun | None = None  # --fault: what it did to the run
 
     def to_dict(self) -> dict[str, Any]:
         data = {
@@ -140,6 +142,8 @@ class BenchResult:
         }
         if self.kv_check is not None:
             data["kv_check"] = self.kv_check.to_dict()
+        if self.fault is not None:
+            data["fault"] = self.fault.to_dict()
         return data
 
 
@@ -183,10 +187,30 @@ class Backend(Protocol):
         """After one run (a backend may keep the server for the next; see ``close``)."""
 
 
-def bench(backend: Backend, server: ServerSpec, config: LoadConfig) -> BenchResult:
-    """Run ``config`` against ``server`` on ``backend``; the server is stopped at the end."""
+def bench(
+    backend: Backend,
+    server: ServerSpec,
+    config: LoadConfig,
+    fault: FaultSpec | None = None,
+    fault_at: float = 0.0,
+) -> BenchResult:
+    """Run ``config`` against ``server`` on ``backend``; the server is stopped at the end.
+
+    With ``fault``, the backend (then an :class:`~lab.measure.faultbench.Injector`) injects
+    it ``fault_at`` seconds into the measured window, the loaders record their series, and
+    the result says what the fault did (:func:`lab.measure.faultbench.analyse`)."""
     server = serving(server, config, backend)
+    if fault is not None:
+        if not hasattr(backend, "inject"):
+            raise BenchError(f"the {backend.name} backend cannot inject faults")
+        if not 0 <= fault_at < config.duration:
+            raise BenchError(
+                f"--at {fault_at:g}: inject within the measured window (0 to --duration "
+                f"{config.duration:g}): lower --at or raise --duration"
+            )
+        config = replace(config, series=True)
     host, port = backend.start(server)
+    timer: FaultTimer | None = None
     try:
         config = _retarget(config, host, port)
         tables = _room_for_a_run(backend, connections_at_most(config))
@@ -211,7 +235,12 @@ def bench(backend: Backend, server: ServerSpec, config: LoadConfig) -> BenchResu
             overflows = backend.listen_overflows()
             with probe.Sampler(backend.memory_bytes) as memory:
                 load_start = time.time()
-                result = backend.load(config)
+                if fault is not None:
+                    timer = FaultTimer(backend, fault, fault_at, config.warmup)  # type: ignore[arg-type]
+                    result = backend.load(config, at_start=timer.arm)  # type: ignore[call-arg]
+                    timer.finish()
+                else:
+                    result = backend.load(config)
                 load_end = time.time()
         after = _settled_stats(backend)
         window = max(0.0, result.measure_end - result.measure_start)
@@ -235,8 +264,17 @@ def bench(backend: Backend, server: ServerSpec, config: LoadConfig) -> BenchResu
         verdict = None
         if result.kv_incr is not None:
             verdict = kvcheck.check(result.kv_incr, _kv_readings(backend, server, config, result))
-        return BenchResult(backend.name, server, result.to_dict(), cost, verdict)
+        load = result.to_dict()
+        run = None
+        if fault is not None and timer is not None:
+            run = analyse(
+                load, fault, timer.injected_at, timer.undone_at, timer.said, timer.error,
+                in_flight=config.concurrency,
+            )  # fmt: skip
+        return BenchResult(backend.name, server, load, cost, verdict, run)
     finally:
+        if timer is not None:
+            timer.finish()  # (again: idempotent) a load that failed leaves no fault behind
         backend.stop()
 
 
@@ -625,7 +663,12 @@ class LocalBackend:
             readings.append(kvcheck.read_file(path, tag))
         return readings
 
-    def load(self, config: LoadConfig) -> LoadResult:
+    def load(
+        self, config: LoadConfig, at_start: Callable[[float], None] | None = None
+    ) -> LoadResult:
+        if at_start is not None:  # a fault bench: the start time is ours, to tell the timer
+            config = replace(config, start_at=time.time() + START_DELAY)
+            at_start(config.start_at or 0.0)
         if not self.pin:
             return run_load(config, pool=self.pool)
         mask = os.sched_getaffinity(0)
@@ -634,6 +677,31 @@ class LocalBackend:
             return run_load(config, pool=self.pool)
         finally:
             os.sched_setaffinity(0, mask)
+
+    # -- faults (lab bench --fault) --------------------------------------------------------------
+    def inject(self, fault: FaultSpec) -> str:
+        """kill-worker: signal the server's newest child; pause: SIGSTOP its process group
+        (the server was started in a session of its own). The network faults and a switch
+        need the containers (checked before: faultbench.check_applies)."""
+        server = self._server()
+        if server.proc is None:
+            raise BenchError("--fault runs on the lab's designs, not on your server")
+        if fault.kind == "kill-worker":
+            children = probe.children_of(server.pid)
+            if not children:
+                raise BenchError("no worker process at that moment (none had a connection)")
+            signum = getattr(signal, f"SIG{fault.value or 'KILL'}")
+            os.kill(children[-1], signum)
+            return f"SIG{fault.value or 'KILL'} to worker {children[-1]}"
+        if fault.kind == "pause":
+            os.killpg(server.pid, signal.SIGSTOP)
+            return f"SIGSTOP to the server's process group {server.pid}"
+        raise BenchError(f"--fault {fault.kind} needs the containers: drop --local")
+
+    def undo(self, fault: FaultSpec) -> None:
+        if fault.kind == "pause" and self.current is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._server().pid, signal.SIGCONT)
 
     # -- stopping -----------------------------------------------------------------------------
     def stop(self) -> None:

@@ -114,6 +114,9 @@ class LoadConfig:
     keys: int = DEFAULT_KEYS
     distribution: str = "uniform"
     tag: str = ""
+    #: Record a throughput and error series in :data:`SERIES_STEP` intervals of the measured
+    #: window (``lab bench --fault``); off, the per-request path does not pay for it.
+    series: bool = False
 
     @property
     def open_loop(self) -> bool:

@@ -84,6 +84,8 @@ RECV_CHUNK = 256 * 1024
 NODELAY_ABOVE = 16 * 1024
 #: Pending latencies folded into the histogram at the latest every this many (8 MB).
 FOLD_EVERY = 1_000_000
+#: The series' interval (``LoadConfig.series``), seconds.
+SERIES_STEP = 0.1
 _ERRORS = select.EPOLLERR | select.EPOLLHUP
 
 # Slot states.
@@ -245,6 +247,13 @@ class Loader:
         # Set when the run starts (monotonic seconds).
         self.t0 = self.measure_start = self.measure_stop = 0.0
         self.interval = self.phase = 0.0
+        # The series (LoadConfig.series): counts per SERIES_STEP of the measured window. Only
+        # then is _complete wrapped to count; the plain per-request path stays as it is.
+        self.series_ok: list[int] | None = None
+        self.series_errors: dict[str, list[int]] = {}
+        if config.series:
+            self.series_ok = []
+            self._complete = self._complete_counted  # type: ignore[method-assign]
 
     # --- the run -----------------------------------------------------------------------------
 
@@ -303,7 +312,27 @@ class Loader:
             loader_wall_s=wall,
             loader_start_lag_s=lag,
             loader_bound=is_loader_bound(cpu, wall),
+            series=self._series(),
         )
+
+    def _series(self) -> dict[str, Any] | None:
+        if self.series_ok is None:
+            return None
+        return {"step_s": SERIES_STEP, "ok": self.series_ok, "errors": self.series_errors}
+
+    def _bucket(self, counts: list[int], now: float) -> None:
+        """Count one event in its SERIES_STEP interval of the measured window."""
+        i = int((now - self.measure_start) / SERIES_STEP)
+        if i < 0:
+            return
+        if i >= len(counts):
+            counts.extend([0] * (i + 1 - len(counts)))
+        counts[i] += 1
+
+    def _complete_counted(self, slot: _Slot, now: float) -> None:
+        if slot.measured and self.series_ok is not None:
+            self._bucket(self.series_ok, now)
+        type(self)._complete(self, slot, now)  # the class's own (a kv loader's too)
 
     def _loop(self) -> None:
         open_loop = self.config.open_loop
@@ -563,6 +592,8 @@ class Loader:
         if slot.measured:
             self.errors[kind] = self.errors.get(kind, 0) + 1
             self.last_measured_end = now
+            if self.series_ok is not None:
+                self._bucket(self.series_errors.setdefault(kind, []), now)
         self._close(slot, now)
         if self.config.open_loop:
             self._free(slot)
@@ -580,6 +611,8 @@ class Loader:
         """An error that is no request's (a persistent connection closed between requests)."""
         if self.measure_start <= now and not self.stopping:
             self.errors[kind] = self.errors.get(kind, 0) + 1
+            if self.series_ok is not None:
+                self._bucket(self.series_errors.setdefault(kind, []), now)
 
     def _closed_before_echo(self, slot: _Slot) -> bool:
         # On a connection that carried a request before, nothing of this echo yet: the server

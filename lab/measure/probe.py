@@ -57,6 +57,17 @@ def process_tree(root: int) -> list[int]:
     return tree
 
 
+def children_of(parent: int) -> list[int]:
+    """The live processes whose parent is ``parent``, oldest first (by pid)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            fields = _stat_fields(int(entry))
+            if fields is not None and int(fields[1]) == parent and fields[0] != "Z":
+                found.append(int(entry))
+    return sorted(found)
+
+
 def tree_cpu_seconds(root: int) -> float:
     """User + system CPU of the tree, reaped children included (see the module docstring)."""
     ticks = 0

@@ -132,6 +132,10 @@ class LoadResult:
     #: ``{"tag": …, "counters": {key index: [acknowledged, sent but unanswered]}}`` (an INCR
     #: without a reply may have committed). What the no-lost-update check sums.
     kv_incr: dict[str, Any] | None = None
+    #: With ``series`` on: the measured window in :data:`SERIES_STEP` intervals from
+    #: ``measure_start``: ``{"step_s": 0.1, "ok": [verified requests ended in each], "errors":
+    #: {kind: [failures in each]}}`` (the lists as long as the longest part's).
+    series: dict[str, Any] | None = None
 
     # --- derived -----------------------------------------------------------------------------
 
@@ -200,6 +204,7 @@ class LoadResult:
             "loader_bound": self.loader_bound,
             "parts": self.parts,
             **({"kv_incr": self.kv_incr} if self.kv_incr is not None else {}),
+            **({"series": self.series} if self.series is not None else {}),
         }
 
     @classmethod
@@ -237,6 +242,7 @@ class LoadResult:
                 loader_bound=bool(data.get("loader_bound", False)),
                 parts=int(data.get("parts", 1)),
                 kv_incr=_kv_incr(data.get("kv_incr")),
+                series=_series(data.get("series")),
             )
         except (KeyError, TypeError, AttributeError) as exc:
             raise ValueError(f"not a complete {SCHEMA} result: {exc!r}") from exc
@@ -264,6 +270,41 @@ def merge_kv_incr(parts: Iterable[dict[str, Any] | None]) -> dict[str, Any] | No
             total[0] += acked
             total[1] += unanswered
     return {"tag": given[0]["tag"], "counters": counters}
+
+
+def _series(data: Any) -> dict[str, Any] | None:
+    if data is None:
+        return None
+    return {
+        "step_s": float(data["step_s"]),
+        "ok": [int(v) for v in data["ok"]],
+        "errors": {str(k): [int(v) for v in vs] for k, vs in dict(data["errors"]).items()},
+    }
+
+
+def _added(lists: Iterable[list[int]]) -> list[int]:
+    """Element-wise sums of lists of any lengths (a missing element counts 0)."""
+    total: list[int] = []
+    for values in lists:
+        if len(values) > len(total):
+            total.extend([0] * (len(values) - len(total)))
+        for i, value in enumerate(values):
+            total[i] += value
+    return total
+
+
+def merge_series(parts: Iterable[dict[str, Any] | None]) -> dict[str, Any] | None:
+    """The loaders' series added interval by interval (their windows share ``measure_start``:
+    every loader starts at the one ``start_at``)."""
+    given = [p for p in parts if p is not None]
+    if not given:
+        return None
+    kinds = sorted({k for p in given for k in p["errors"]})
+    return {
+        "step_s": given[0]["step_s"],
+        "ok": _added(p["ok"] for p in given),
+        "errors": {k: _added(p["errors"].get(k, []) for p in given) for k in kinds},
+    }
 
 
 def _summary(hist: LatencyHistogram) -> dict[str, float | int]:
@@ -308,6 +349,7 @@ def merge(results: Iterable[LoadResult]) -> LoadResult:
         loader_start_lag_s=max(p.loader_start_lag_s for p in parts),
         parts=sum(p.parts for p in parts),
         kv_incr=merge_kv_incr(p.kv_incr for p in parts),
+        series=merge_series(p.series for p in parts),
     )
     # Bound if any part was (one saturated loader throttles its own connections), or all of
     # them together used ≥ 90 % of their wall time.

@@ -16,6 +16,7 @@ import os
 import secrets
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from lab.measure import kvcheck, probe
 from lab.measure.bench import BenchError, ServerSpec, database_of
 from lab.measure.config import KV, LoadConfig
+from lab.measure.faultbench import NETWORK, FaultSpec
 from lab.measure.result import LoadResult, merge
 from lab.orchestration import stack
 from lab.orchestration.compose import PROJECT_LABEL, SERVICE_LABEL
@@ -391,7 +393,52 @@ class DockerBackend:
                     container.update(cpuset_cpus=was or every_cpu)
 
     # -- the loaders ----------------------------------------------------------------------------
-    def load(self, config: LoadConfig) -> LoadResult:
+    # -- faults (lab bench --fault) -------------------------------------------------------------
+    def inject(self, fault: FaultSpec) -> str:
+        """Through ``lab fault``'s machinery (lab.orchestration.faults); a switch as ``lab
+        switch`` does it, keeping this bench's settings for the server."""
+        from lab.orchestration import faults
+
+        if self.peer is not None:
+            raise LabError("--fault runs on the lab's designs, not on a peer or your server")
+        if fault.kind == "kill-worker":
+            _, pid, design = faults.kill_worker(self.project, fault.value or "KILL")
+            return f"SIG{fault.value or 'KILL'} to worker {pid} of {design}"
+        if fault.kind == "pause":
+            stack.server_container(self.engine, self.project).pause()
+            return "paused the server's container (docker pause)"
+        if fault.kind == "switch":
+            env = self._current[1] if self._current else {}
+            stack.switch(fault.value, self.project, extra_env=env)
+            self._current = None  # another design runs now: the next start switches back
+            self._reader = None
+            return f"switched the server to {fault.value} (lab switch: the old one drains)"
+        injected = faults.network_fault(
+            fault.kind,
+            clients=[fault.client] if fault.client else (),
+            delay_ms=float(fault.value or 0) if fault.kind == "delay" else 0.0,
+            jitter_ms=float(fault.extra or 0),
+            loss_pct=float(fault.value or 0) if fault.kind == "loss" else 0.0,
+            rate_kbit=int(float(fault.value or 0)) if fault.kind == "rate" else 0,
+            project=self.project,
+        )
+        return "; ".join(f"{i.spec} on {i.client}, by {i.mechanism}" for i in injected)
+
+    def undo(self, fault: FaultSpec) -> None:
+        from lab.orchestration import faults
+
+        if fault.kind == "pause":
+            server = stack.find_server(self.engine, self.project)
+            if server is not None:
+                server.reload()
+                if server.status == "paused":
+                    server.unpause()
+        elif fault.kind in NETWORK:
+            faults.clear_network(self.project)
+
+    def load(
+        self, config: LoadConfig, at_start: Callable[[float], None] | None = None
+    ) -> LoadResult:
         loaders = [
             c
             for c in stack.containers(self.engine, self.project)
@@ -411,6 +458,8 @@ class DockerBackend:
             if attempt and config.workload == KV:
                 # The run before was thrown away, but its INCRs committed: counters of its own.
                 config = dataclasses.replace(config, tag=secrets.token_hex(4))
+            if at_start is not None:
+                at_start(start_at)  # a fault bench's timer follows the start
             configs = [share_config(config, start_at, i, len(loaders)) for i in range(len(loaders))]
             try:
                 with ThreadPoolExecutor(len(loaders)) as pool:
@@ -425,7 +474,12 @@ class DockerBackend:
             result = merge(LoadResult.from_dict(output) for output in outputs)
             # A run of a fixed count of requests measures every one of them however late a
             # loader began: running it again would only send the server the count again.
-            if result.loader_start_lag_s <= config.warmup or config.requests is not None:
+            # Nor is a fault bench's: its fault was injected into this run, once.
+            if (
+                result.loader_start_lag_s <= config.warmup
+                or config.requests is not None
+                or at_start is not None
+            ):
                 break
         return result
 

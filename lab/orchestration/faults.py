@@ -29,9 +29,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from lab.measure.faultbench import WORKER_DESIGNS
 from lab.orchestration import stack
 from lab.orchestration.engine import MANAGED_LABEL, PROJECT, LabError, client
-from lab.sockets.designs import DESIGNS
 
 if TYPE_CHECKING:
     from docker.models.containers import Container
@@ -51,13 +51,6 @@ __all__ = [
 
 #: What ``kill-worker --signal`` may send.
 SIGNALS = {"KILL": signal.SIGKILL, "TERM": signal.SIGTERM, "SEGV": signal.SIGSEGV}
-#: The designs that serve in worker processes a kill can take away: the process pools and the
-#: process per connection. The rest serve in one process (threads, an event loop).
-WORKER_DESIGNS = tuple(
-    name
-    for name, design in DESIGNS.items()
-    if design.pool_of == "processes" or design.family == "fork"
-)
 
 
 #: The network faults, each with what it is in a few words.
@@ -360,6 +353,21 @@ def show(project: str = PROJECT) -> list[Active]:
 
 def clear(project: str = PROJECT) -> list[str]:
     """Undo every fault in place; returns what was undone."""
+    undone = clear_network(project)
+    for active in show(project):
+        if active.fault != "pause":
+            continue
+        container = client().containers.get(active.container)
+        container.unpause()
+        undone.append(f"resumed {active.container}")
+    if any(u.startswith("resumed") for u in undone) and stack.find_server(client(), project):
+        _healthy_again(project)
+    return undone
+
+
+def clear_network(project: str = PROJECT) -> list[str]:
+    """Undo every network fault (and remove the records of ended ones); returns what was
+    undone."""
     undone = []
     for helper in _helpers(project):
         running = helper.status == "running"
@@ -369,12 +377,4 @@ def clear(project: str = PROJECT) -> list[str]:
             undone.append(what)
         elif killed:  # it died before undoing: _undo swept its rules
             undone.append(f"{what} (its helper had died: its rules swept)")
-    for active in show(project):
-        if active.fault != "pause":
-            continue
-        container = client().containers.get(active.container)
-        container.unpause()
-        undone.append(f"resumed {active.container}")
-    if any(u.startswith("resumed") for u in undone) and stack.find_server(client(), project):
-        _healthy_again(project)
     return undone

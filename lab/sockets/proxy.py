@@ -48,6 +48,7 @@ SO_ORIGINAL_DST = 80  # <linux/netfilter_ipv4.h>: the destination before a REDIR
 HOLD_MAX = 1 << 20  # bytes one direction may hold before it stops reading its source
 CHUNK = 1 << 16
 _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
+_RESET = b"\0reset"  # in a direction's chunks, by identity: the source reset the connection
 
 
 def original_destination(sock: socket.socket) -> tuple[str, int]:
@@ -125,8 +126,16 @@ class Proxy:
     # -- the loop --------------------------------------------------------------------------
     def run(self, until: float | None = None, stop_fd: int | None = None) -> None:
         """Serve until ``until`` (monotonic) or until ``stop_fd`` is readable."""
-        if stop_fd is not None:
-            self.poller.register(stop_fd, select.EPOLLIN)
+        if stop_fd is None:
+            self._loop(until, -1)
+            return
+        self.poller.register(stop_fd, select.EPOLLIN)
+        try:
+            self._loop(until, stop_fd)
+        finally:
+            self.poller.unregister(stop_fd)  # (drain runs on without it: no wake-up per turn)
+
+    def _loop(self, until: float | None, stop_fd: int) -> None:
         while True:
             now = time.monotonic()
             if until is not None and now >= until:
@@ -211,29 +220,29 @@ class Proxy:
                     self._flush(direction)
         if link.closed:
             return
-        if events & select.EPOLLERR:
-            self._close(link, reset=True)  # a reset or an unreachable peer: pass it on
-            return
-        if events & (select.EPOLLIN | select.EPOLLHUP):
+        if events & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR):
+            # A reset (EPOLLERR) is read too: the bytes that came before it first, then the
+            # error, which travels behind them as the reset it was (see _read).
             for direction in (link.up, link.down):
-                if direction.src.fileno() == fd and direction.reading():
+                if direction.src.fileno() == fd and (
+                    direction.reading() or (events & select.EPOLLERR and not direction.read_eof)
+                ):
                     self._read(link, direction)
         if not link.closed:
             self._update(link)
 
     def _read(self, link: Link, direction: Direction) -> None:
         try:
-            data = direction.src.recv(CHUNK)
+            data: bytes | None = direction.src.recv(CHUNK)
         except (BlockingIOError, InterruptedError):
             return
-        except OSError:  # reset: pass it on
-            self._close(link, reset=True)
-            return
+        except OSError:  # reset: it travels, behind what came before it, as a reset
+            data = _RESET
         due = max(direction.last_due, self.impairment.due(time.monotonic()))
         direction.last_due = due
-        if not data:
+        if data is _RESET or not data:
             direction.read_eof = True
-            direction.chunks.append((due, None))
+            direction.chunks.append((due, data or None))
         else:
             direction.chunks.append((due, data))
             direction.held += len(data)
@@ -273,6 +282,9 @@ class Proxy:
             due, data = direction.chunks[0]
             if due > now:
                 self._schedule(due, direction)
+                return
+            if data is _RESET:  # the source reset the connection: so does the far side
+                self._close(link, reset=True)
                 return
             if data is None:  # the source's FIN, passed on
                 direction.chunks.popleft()
