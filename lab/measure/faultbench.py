@@ -196,8 +196,9 @@ class FaultTimer:
             if self._cancel:
                 return
         try:
-            self.injected_at = time.time()
             self.said = self.injector.inject(self.fault)
+            # In place once inject() returns (a helper container takes a moment to start).
+            self.injected_at = time.time()
             if self.fault.lasts:
                 with self._cond:
                     self._cond.wait_for(lambda: self._cancel, self.fault.seconds)
