@@ -27,6 +27,7 @@ MEASURING = frozenset(
         "test_bench.py",
         "test_cpeers.py",
         "test_distribution.py",
+        "test_faultbench.py",
         "test_kv_load.py",
         "test_user_server.py",
     }

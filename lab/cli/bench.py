@@ -108,7 +108,7 @@ def bench(
     spec = _server_spec(ctx, design, workers, server_cmd, name, mount or [])
     if db is not None:
         spec = _with_database(spec, db, local)
-    injected = _fault_spec(fault, fault_for, spec.design, local) if fault else None
+    injected = _fault_spec(fault, fault_for, at, duration, spec.design, local) if fault else None
     result = _bench(
         spec,
         workload,
@@ -151,12 +151,16 @@ def bench(
             raise typer.Exit(1)
 
 
-def _fault_spec(text: str, seconds: float, design: str, local: bool) -> FaultSpec:
-    """``--fault`` parsed and checked against the design and the backend (one line, exit 2)."""
-    from lab.measure.faultbench import FaultError, check_applies, parse_fault
+def _fault_spec(
+    text: str, seconds: float, at: float, duration: float, design: str, local: bool
+) -> FaultSpec:
+    """``--fault`` parsed and checked against ``--at``, the design and the backend (one line,
+    exit 2)."""
+    from lab.measure.faultbench import FaultError, check_applies, check_at, parse_fault
 
     try:
         fault = parse_fault(text, seconds)
+        check_at(at, duration)
         check_applies(fault, design, containers=not local)
     except FaultError as exc:
         typer.echo(f"lab bench: error: {exc}", err=True)

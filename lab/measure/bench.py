@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from lab.measure import kvcheck, probe
 from lab.measure.config import KV, LoadConfig
-from lab.measure.faultbench import FaultRun, FaultSpec, FaultTimer, analyse
+from lab.measure.faultbench import FaultError, FaultRun, FaultSpec, FaultTimer, analyse, check_at
 from lab.measure.load import START_DELAY, LoaderPool, run_load
 from lab.measure.peers import PEERS
 from lab.measure.ports import quiet_port
@@ -203,11 +203,10 @@ def bench(
     if fault is not None:
         if not hasattr(backend, "inject"):
             raise BenchError(f"the {backend.name} backend cannot inject faults")
-        if not 0 <= fault_at < config.duration:
-            raise BenchError(
-                f"--at {fault_at:g}: inject within the measured window (0 to --duration "
-                f"{config.duration:g}): lower --at or raise --duration"
-            )
+        try:
+            check_at(fault_at, config.duration)
+        except FaultError as exc:
+            raise BenchError(str(exc)) from None
         config = replace(config, series=True)
     host, port = backend.start(server)
     timer: FaultTimer | None = None

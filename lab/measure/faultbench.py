@@ -6,11 +6,11 @@ seconds into that window, through the backend (``inject``/``undo``: the Docker b
 ``lab fault``'s machinery, the local one signals the server's processes). What the run then
 says, from the series alone:
 
-* **errors during the fault**, by kind: failures from the injection until throughput is back
-  (or the end);
+* **errors during the fault**, by kind: failures from the interval of the injection until the
+  first of the intervals that show throughput back (or the end of the run);
 * **recovery**: the time from the fault's end (its injection, for a kill) until throughput is
   back — the first interval from which three in a row reach :data:`BACK_AT` of the median
-  interval before the fault;
+  interval before the fault (none when nothing was measured before it);
 * **lost against in flight**: the failed requests of that stretch against the requests in
   flight when the fault came (closed loop: one per connection, ``--concurrency``);
 * **verification**: no echo corrupted (``mismatch`` and ``short_read`` zero), in the whole run.
@@ -38,6 +38,7 @@ __all__ = [
     "FaultSpec",
     "FaultTimer",
     "analyse",
+    "check_at",
     "parse_fault",
 ]
 
@@ -114,6 +115,20 @@ class FaultSpec:
         if self.client is not None:
             text += f" on client {self.client}"
         return text + (f" for {self.seconds:g} s" if self.lasts else "")
+
+
+#: The least ``--at``: intervals before the fault to measure "before" with (the first of the
+#: measured window may be partial).
+AT_LEAST = 0.3
+
+
+def check_at(at: float, duration: float) -> None:
+    """:class:`FaultError` unless ``at`` leaves room before the fault and falls in the window."""
+    if not AT_LEAST <= at < duration:
+        raise FaultError(
+            f"--at {at:g}: inject between {AT_LEAST:g} s (a throughput before it to compare "
+            f"with) and --duration {duration:g}: change --at or raise --duration"
+        )
 
 
 def parse_fault(text: str, seconds: float = 1.0) -> FaultSpec:
@@ -275,12 +290,15 @@ def analyse(
     during_rps = sum(stretch) / (len(stretch) * step) if stretch else 0.0
     recovery = None
     back = BACK_AT * before_rps * step
+    upto = length  # errors are counted from the fault's interval until it is back
     last_full = length - 1  # the last interval may be partial
     for i in range(end, last_full - BACK_RUN + 1):
+        if before_rps <= 0:
+            break  # nothing was measured before the fault: "back" would mean nothing
         if all(v >= back for v in ok[i : i + BACK_RUN]):
             recovery = max(0.0, i * step - (end_time - measure_start))
+            upto = i
             break
-    upto = (end + int(recovery / step) + BACK_RUN) if recovery is not None else length
     counted = {k: sum(v[start:upto]) for k, v in errors.items() if sum(v[start:upto])}
     return FaultRun(
         fault=fault.describe(),

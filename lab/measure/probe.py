@@ -17,6 +17,7 @@ Two sources of CPU and memory, one answer each:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import threading
@@ -58,14 +59,29 @@ def process_tree(root: int) -> list[int]:
 
 
 def children_of(parent: int) -> list[int]:
-    """The live processes whose parent is ``parent``, oldest first (by pid)."""
+    """The live processes whose parent is ``parent``, oldest first (by their start time: pids
+    wrap around)."""
     found = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             fields = _stat_fields(int(entry))
             if fields is not None and int(fields[1]) == parent and fields[0] != "Z":
-                found.append(int(entry))
-    return sorted(found)
+                found.append((int(fields[19]), int(entry)))  # starttime is field 22
+    return [pid for _, pid in sorted(found)]
+
+
+def tree_descriptors(root: int) -> int:
+    """Open descriptors of the tree, summed (a process gone meanwhile counts none)."""
+    total = 0
+    for pid in process_tree(root):
+        with contextlib.suppress(OSError):
+            total += len(os.listdir(f"/proc/{pid}/fd"))
+    return total
+
+
+def zombies(root: int) -> int:
+    """Processes of the tree that ended and were not reaped."""
+    return sum(1 for pid in process_tree(root) if (_stat_fields(pid) or ["?"])[0] == "Z")
 
 
 def tree_cpu_seconds(root: int) -> float:
