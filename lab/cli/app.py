@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from lab.cli import bench, client, compare, designs, fault, load, serve, stack
+from lab.cli import bench, client, compare, designs, fault, load, serve, soak, stack
 
 app = typer.Typer(
     name="lab",
@@ -31,6 +31,7 @@ app.command("load")(load.load)
 app.command("bench")(bench.bench)
 app.command("compare")(compare.compare)
 app.command("report")(compare.report)
+app.command("soak")(soak.soak)
 app.add_typer(fault.app, name="fault")
 
 

@@ -133,6 +133,13 @@ def compare(
             "sizes 1, 2, 4 (default: on, off with --quick)",
         ),
     ] = None,
+    robustness: Annotated[
+        bool,
+        typer.Option(
+            help="also: the robustness battery (`lab soak`'s, local) and fault benches (a "
+            "worker killed; in the containers one slow client) for the lab's designs"
+        ),
+    ] = False,
     peer: Annotated[
         list[str] | None,
         typer.Option(
@@ -182,6 +189,7 @@ def compare(
             matrix.user_servers, matrix.mounts = user, mounts
             # the full compare's experiments beside the sweep (not the quick one)
             matrix.experiments = (not quick) if experiments is None else experiments
+            matrix.robustness = robustness
         except ValueError:
             raise typer.BadParameter("--concurrency: give numbers, e.g. 1,8,64") from None
         except BenchError as exc:
@@ -221,6 +229,7 @@ def compare(
                 *(["--quick"] if quick else []),
                 *(["--no-experiments"] if not quick and not matrix.experiments else []),
                 *(["--experiments"] if quick and matrix.experiments else []),
+                *(["--robustness"] if robustness else []),
                 *(["--local"] if local else []),
             ]
         )

@@ -130,6 +130,9 @@ class Matrix:
     #: lab.measure.experiments): sequential connections across workers, idle connections,
     #: pool sizes.
     experiments: bool = False
+    #: lab compare --robustness: the robustness battery (local, lab.measure.robustness) and
+    #: fault benches on the sweep's backend, for the lab's own designs.
+    robustness: bool = False
     #: Users' own servers (``--peer NAME=CMD``): name → command line with ``{port}``, each run
     #: as a peer is (lab.measure.usercmd); their names are in ``designs`` too.
     user_servers: dict[str, str] = field(default_factory=dict)
@@ -347,7 +350,12 @@ def compare(
         order = BY_DESIGN if quick else ROUNDS
     # A peer (or spawn with another worker program) only echoes: it has no kv cells.
     sweep = [cell for cell in sweep_order(matrix, order) if cell[1] != KV or serves_kv(cell[0])]
+    containers = not getattr(backend, "holds_many_servers", False)
     total = len(sweep) + _curve_steps(matrix) + _experiment_steps(matrix)
+    if matrix.robustness:
+        from lab.measure import robustness
+
+        total += robustness.steps(matrix.designs, containers)
     done = 0
     for name, workload, concurrency, repeat in sweep:
         what = f"{name} {workload} ×{concurrency} (repeat {repeat + 1})"
@@ -356,7 +364,11 @@ def compare(
         entry = {"workload": workload, "concurrency": concurrency, "repeat": repeat}
         runs.append(_run(backend, matrix, name, entry))
     curve = _latency_curve(backend, matrix, runs, progress, done, total)
-    extra = _experiments(backend, matrix, progress, done + _curve_steps(matrix), total)
+    done += _curve_steps(matrix)
+    extra = _experiments(backend, matrix, progress, done, total)
+    done += _experiment_steps(matrix)
+    if matrix.robustness:
+        extra.update(_robustness(backend, matrix, containers, progress, (done, total), quick))
     close = getattr(backend, "close", None)
     if close is not None:
         close()
@@ -410,6 +422,30 @@ def _experiments(
         "idle": experiments.idle(backend, matrix, step),
         "pool_sizes": experiments.pool_sizes(backend, matrix, step),
     }
+
+
+def _robustness(
+    backend: Backend,
+    matrix: Matrix,
+    containers: bool,
+    progress: Callable[[Step], None],
+    where: tuple[int, int],
+    quick: bool,
+) -> dict[str, Any]:
+    """``robustness`` (the battery's checks, run locally; its short form with ``quick``) and
+    ``faults`` (fault benches on the sweep's backend), as results.json keeps them."""
+    from lab.measure import robustness
+
+    counter, total = [where[0]], where[1]
+
+    def step(design: str, what: str) -> None:
+        progress(Step(counter[0], total, f"{design}: {what}"))
+        counter[0] += 1
+
+    faults = robustness.fault_benches(backend, matrix.designs, containers, matrix.workers, step)
+    ours = [d for d in matrix.designs if d in DESIGNS]
+    checks = robustness.battery(ours, quick=quick, progress=step)
+    return {"robustness": [c.to_dict() for c in checks], "faults": faults}
 
 
 def _try_user_servers(backend: Backend, matrix: Matrix) -> None:

@@ -93,7 +93,34 @@ def draw(
     if results is not None:
         _idle(results, out_dir, plots, notes)
         _pool_sizes(results, out_dir, plots, notes)
+        for fault in dict.fromkeys(f["fault"] for f in results.get("faults") or ()):
+            _fault_series(results, fault, out_dir, plots)
     return plots, list(dict.fromkeys(notes))
+
+
+def _fault_series(results: Mapping[str, Any], fault: str, out_dir: Path, plots: list[Plot]) -> None:
+    """Each design's throughput, 100 ms by 100 ms, through one fault (shaded while it lasted)."""
+    runs = [f for f in results.get("faults") or () if f["fault"] == fault and f.get("series")]
+    if not runs:
+        return
+    fig = _figure(9.0, 4.5)
+    ax = fig.add_subplot()
+    shaded = False
+    for entry in runs:
+        series, run = entry["series"], entry["run"]
+        step = float(series["step_s"])
+        ok = series["ok"][:-1]  # the last interval may be partial
+        ax.plot([i * step for i in range(len(ok))], [v / step for v in ok], label=entry["design"])
+        if not shaded:
+            start = run["at_s"]
+            ax.axvspan(start, start + max(run["lasted_s"], step), color="grey", alpha=0.2)
+            shaded = True
+    ax.set_xlabel("seconds into the measured window (grey: the fault)")
+    ax.set_ylabel("verified requests/s (100 ms intervals)")
+    ax.set_title(f"Throughput through a fault: {fault}")
+    ax.legend(fontsize="small", ncol=2)
+    name = f"fault-{_slug(fault)}.png"
+    plots.append(_save(fig, out_dir, name, f"Throughput through a fault: {fault}"))
 
 
 def _curve(

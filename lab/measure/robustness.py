@@ -45,7 +45,7 @@ from lab.measure.config import make_config
 from lab.measure.faultbench import ONE_CONNECTION_WORKERS, WORKER_DESIGNS, parse_fault
 from lab.sockets.designs import DESIGNS
 
-__all__ = ["CHECKS", "Check", "battery", "table_markdown"]
+__all__ = ["CHECKS", "Check", "battery", "fault_benches", "steps", "table_markdown"]
 
 IDLE_TIMEOUT = 3.0
 SERVER_OPTIONS = ("--idle-timeout", str(IDLE_TIMEOUT), "--workers", "2")
@@ -448,6 +448,69 @@ def battery(
                 progress(design, name)
             found.append(runs[name](design))
     return found
+
+
+#: The fault benches ``lab compare --robustness`` runs per design: a kill (process designs),
+#: and in the containers one slow client (head-of-line blocking shows in iterative).
+FAULTS = ("kill-worker", "delay:300@1")
+
+
+def _faults_for(design: str, containers: bool) -> list[str]:
+    faults = ["kill-worker"] if design in WORKER_DESIGNS else []
+    return faults + (["delay:300@1"] if containers else [])
+
+
+def steps(designs: Sequence[str], containers: bool) -> int:
+    """How many steps :func:`battery` and :func:`fault_benches` take for ``designs``."""
+    ours = [d for d in designs if d in DESIGNS]
+    return len(ours) * len(CHECKS) + sum(len(_faults_for(d, containers)) for d in ours)
+
+
+def fault_benches(
+    backend: Any,
+    designs: Sequence[str],
+    containers: bool,
+    workers: int,
+    progress: Callable[[str, str], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Each design under each of its :data:`FAULTS` (connect-per-request, concurrency 6, the
+    fault 1 s into 4 s, 2 s long): ``{"design", "fault", "run": FaultRun, "series"}``; a bench
+    that fails is kept with its error."""
+    config = make_config(
+        "127.0.0.1", port=1, workload="persistent", concurrency=6, duration=4.0, warmup=1.0
+    )
+    found: list[dict[str, Any]] = []
+    for design in (d for d in designs if d in DESIGNS):
+        for text in _faults_for(design, containers):
+            if progress is not None:
+                progress(design, text)
+            spec = parse_fault(text, 2.0)
+            options: tuple[str, ...] = ()
+            if DESIGNS[design].pool_of is not None:
+                options = ("--workers", str(workers))
+            workload = config if spec.kind == "kill-worker" else replace_workload(config)
+            try:
+                result = bench(backend, ServerSpec(design, options=options), workload, spec, 1.0)
+            except Exception as exc:  # kept with the sweep's other failures, one line
+                found.append({"design": design, "fault": text, "error": str(exc)})
+                continue
+            assert result.fault is not None
+            found.append(
+                {
+                    "design": design,
+                    "fault": text,
+                    "run": result.fault.to_dict(),
+                    "series": result.load.get("series"),
+                }
+            )
+    return found
+
+
+def replace_workload(config: Any) -> Any:
+    """The slow-client bench is connect-per-request: the proxy delays new connections."""
+    from dataclasses import replace
+
+    return replace(config, workload="connect-per-request", per_connection=1)
 
 
 def table_markdown(checks: Sequence[Check]) -> str:

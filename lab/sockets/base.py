@@ -324,8 +324,24 @@ class Server:
         self.listener.close()
 
     def accepting(self) -> bool:
-        """Whether the loop should accept now (designs at their cap say no)."""
+        """Whether the loop should accept now (designs at their cap say no, through
+        :meth:`at_cap`)."""
         return True
+
+    _said_at_cap = False
+
+    def at_cap(self, cap: int, option: str) -> bool:
+        """A design at its cap of connections at once: say so the first time (one line for
+        the server's life, not one per wake-up: a lab under a storm stays at the cap); the
+        clients wait in the backlog meanwhile. Returns False, for ``accepting()``. (The event
+        loops' cap is the descriptor limit: accept()'s EMFILE policy says it once an episode.)"""
+        if not self._said_at_cap:
+            self._said_at_cap = True
+            self.log.notice(
+                f"at the cap of {cap} connection(s) at once ({option}): not accepting until one "
+                "ends; newcomers wait in the backlog (said once)"
+            )
+        return False
 
     def poll_timeout(self, now: float) -> float | None:
         if self.acceptor.paused(now):

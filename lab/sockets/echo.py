@@ -17,7 +17,13 @@ stops it: back-pressure instead of an unbounded queue, and memory is one buffer 
 from __future__ import annotations
 
 import errno
+import fcntl
+import math
 import os
+import socket
+import struct
+import termios
+import time
 
 from lab.sockets import stats
 from lab.sockets.log import printable
@@ -75,7 +81,7 @@ def echo(fd: int, serving: Serving) -> str:
                     serving.log.trace(f"The message from client: {printable(bytes(out))}")
                 sent = write(fd, out)
                 if sent != n:
-                    sent += _write_rest(fd, view, sent, n)
+                    sent += _write_rest(fd, view, sent, n, serving.idle_timeout)
                 bytes_out += sent
                 if tracing:
                     serving.log.trace("send() is OK")
@@ -83,6 +89,7 @@ def echo(fd: int, serving: Serving) -> str:
             outcome = stats.STOPPED if serving.cut else stats.COMPLETED
         except BlockingIOError:  # SO_RCVTIMEO/SO_SNDTIMEO: no progress for --idle-timeout
             outcome = stats.STOPPED if serving.cut else stats.IDLE_TIMEOUT
+            abort_if_unsent(fd)
         except OSError as exc:
             outcome = stats.STOPPED if serving.cut else outcome_of(exc)
             if tracing and outcome == stats.ERROR:
@@ -106,10 +113,39 @@ _TRACED = {
 }
 
 
-def _write_rest(fd: int, view: memoryview, sent: int, n: int) -> int:
+def abort_if_unsent(fd: int) -> None:
+    """Make the coming close() a reset when echo bytes are still unsent (a client that stopped
+    reading): a plain close queues the FIN behind them, and with the client's window shut it
+    never arrives — the client never learns, and the kernel keeps the orphaned socket and its
+    buffer (megabytes) through its retries. A reset drops both at once. (Off the steady state:
+    only when a connection is cut.)"""
+    try:
+        if struct.unpack("i", fcntl.ioctl(fd, termios.TIOCOUTQ, b"\0\0\0\0"))[0] > 0:
+            sock = socket.socket(fileno=fd)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+            finally:
+                sock.detach()
+    except OSError:
+        pass  # gone already: close() has nothing to send either
+
+
+_LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
+
+
+def _write_rest(fd: int, view: memoryview, sent: int, n: int, limit: float) -> int:
     """A short write (a big message, or a signal mid-write): send the rest; EAGAIN after no
-    progress for the timeout propagates as the idle timeout."""
+    progress for the timeout propagates as the idle timeout.
+
+    ``SO_SNDTIMEO`` bounds each call, and a call that moved a byte returns what it moved: a
+    client that never reads but whose kernel takes a few bytes now and then (its window opens
+    a crack to TCP's zero-window probes) would restart it forever. So the rest of one echo may
+    take ``limit`` seconds in all; past that, it is the idle timeout too. (The clock is read
+    only here, off the steady state's path.)"""
     more = 0
+    deadline = time.monotonic() + limit if limit > 0 else math.inf
     while sent + more < n:
         more += os.write(fd, view[sent + more : n])
+        if sent + more < n and time.monotonic() > deadline:
+            raise BlockingIOError(errno.EAGAIN, "the echo took longer than --idle-timeout")
     return more

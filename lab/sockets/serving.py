@@ -102,6 +102,7 @@ class Serving:
         repeat_cuts: bool = False,
     ) -> None:
         self.grace = config.grace
+        self.idle_timeout = config.idle_timeout  # what an echo's slow write may take in all
         self.log = log
         self.tracing = log.tracing
         self.slot = slot

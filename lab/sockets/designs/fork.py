@@ -82,7 +82,9 @@ class ForkServer(ChildProcesses):
 
     def accepting(self) -> bool:
         # At --max-children, stop accepting: new clients wait in the backlog meanwhile.
-        return len(self.children) < self.config.max_children
+        if len(self.children) < self.config.max_children:
+            return True
+        return self.at_cap(self.config.max_children, "--max-children")
 
     def poll_timeout(self, now: float) -> float | None:
         timeout = super().poll_timeout(now)

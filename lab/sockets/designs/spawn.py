@@ -110,7 +110,9 @@ class SpawnServer(ChildProcesses):
         return {"worker": repr(" ".join(self.argv))}
 
     def accepting(self) -> bool:
-        return len(self.children) < self.config.max_children
+        if len(self.children) < self.config.max_children:
+            return True
+        return self.at_cap(self.config.max_children, "--max-children")
 
     def process_request(self, fd: int) -> None:
         actions = [(os.POSIX_SPAWN_DUP2, fd, 0), (os.POSIX_SPAWN_DUP2, fd, 1)]

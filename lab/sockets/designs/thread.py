@@ -87,7 +87,9 @@ class ThreadPerConnectionServer(ThreadServer):
             self.room_wanted = False
             return True
         self.room_wanted = True  # the next thread that ends writes the wake pipe …
-        return bool(self.idle)  # … unless one ended between the check and the flag
+        if self.idle:  # … unless one ended between the check and the flag
+            return True
+        return self.at_cap(self.config.max_threads, "--max-threads")
 
     def process_request(self, fd: int) -> None:
         state = self.idle.pop() if self.idle else self.new_state()
