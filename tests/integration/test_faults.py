@@ -73,3 +73,26 @@ def test_a_paused_server_answers_no_one_until_cleared(
     ok(lab(project, "fault", "pause"))  # left in place: `lab down` removes it all the same
     ok(lab(project, "down"))
     assert stack.containers(docker_engine, project) == []
+
+
+HOLD = "import socket, time; s = socket.create_connection(('bakawali', 12345)); time.sleep(60)"
+
+
+@pytest.mark.timeout(900)
+def test_kill_worker_works_on_every_design_that_has_workers(
+    project: str, lab_image: str, docker_engine: docker.DockerClient
+) -> None:
+    ok(lab(project, "up", "--design", faults.WORKER_DESIGNS[0], "--clients", "1"))
+    (client,) = [c for c in stack.containers(docker_engine, project) if c.name.endswith("_1")][-1:]
+    for design in faults.WORKER_DESIGNS:
+        ok(lab(project, "switch", design))
+        # A design with a process per connection has a worker only while a connection is open.
+        client.exec_run(["python3", "-c", HOLD], detach=True)
+        server = stack.server_container(docker_engine, project)
+        assert wait_until(lambda s=server: bool(faults.workers(s)), 30), design
+        killed = ok(lab(project, "fault", "kill-worker")).stdout
+        assert f"of {design}" in killed, killed
+        # It serves on — once its master has replaced the worker: a connection that came in
+        # the meantime may have met the dying one (reuseport hashes it to that worker's socket).
+        assert wait_until(lambda: exchange(project) == 0, 30), design
+        client.exec_run(["pkill", "-f", "time.sleep"])
