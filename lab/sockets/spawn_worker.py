@@ -25,6 +25,26 @@ BUFFER_SIZE = 64 * 1024
 TYPE_CHECKING = False  # typing is not imported at run time (one more import per connection)
 
 
+def _abort_if_unsent() -> None:
+    """As lab.sockets.echo.abort_if_unsent (not imported: this program starts bare): when the
+    cut leaves echo bytes unsent, the exit's close() is a reset, not a FIN queued behind them
+    that a client which stopped reading would never get. Imported here, off the echo's path."""
+    import fcntl
+    import socket
+    import struct
+    import termios
+
+    try:
+        if struct.unpack("i", fcntl.ioctl(1, termios.TIOCOUTQ, b"\0\0\0\0"))[0] > 0:
+            sock = socket.socket(fileno=1)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            finally:
+                sock.detach()
+    except OSError:
+        pass
+
+
 def main(argv: list[str]) -> int:
     trace = "--trace" in argv
     pid = os.getpid()
@@ -56,6 +76,7 @@ def main(argv: list[str]) -> int:
                 sys.stderr.flush()
     except BlockingIOError:  # SO_RCVTIMEO/SO_SNDTIMEO: no progress for the idle timeout
         outcome = "idle_timeout"
+        _abort_if_unsent()
     except (ConnectionResetError, BrokenPipeError):
         outcome = "reset"
     except OSError:
@@ -114,6 +135,7 @@ def serve_kv(path: str, trace: bool, pid: int) -> tuple[int, int, str]:
                 replies = session.more()
     except BlockingIOError:  # SO_RCVTIMEO/SO_SNDTIMEO: no progress for the idle timeout
         outcome = "idle_timeout"
+        _abort_if_unsent()
     except (ConnectionResetError, BrokenPipeError):
         outcome = "reset"
     except OSError:

@@ -79,7 +79,7 @@ import time
 from lab.sockets import services, stats
 from lab.sockets.base import Server
 from lab.sockets.config import ConfigError, ServerConfig
-from lab.sockets.echo import outcome_of
+from lab.sockets.echo import abort_if_unsent, outcome_of
 from lab.sockets.eventloop import IdleWheel
 from lab.sockets.log import printable
 from lab.sockets.serving import BUFFER_SIZE
@@ -168,6 +168,9 @@ class EchoProtocol(asyncio.BufferedProtocol):
         if self.outcome is None and self.transport is not None:
             self.outcome = outcome
             self.held = self.transport.get_write_buffer_size()
+            sock = self.transport.get_extra_info("socket")
+            if sock is not None:  # abort() closes: a FIN behind unsent bytes would never come
+                abort_if_unsent(sock.fileno())
             self.transport.abort()
 
 

@@ -76,7 +76,7 @@ from lab.sockets import process, services
 from lab.sockets.accept import Acceptor
 from lab.sockets.config import ServerConfig
 from lab.sockets.designs.multi_accept import WorkersAcceptPool
-from lab.sockets.echo import outcome_of
+from lab.sockets.echo import abort_if_unsent, outcome_of
 from lab.sockets.log import Log, printable
 from lab.sockets.serving import Serving
 from lab.sockets.stats import COMPLETED, ERROR, IDLE_TIMEOUT, RESET, STOPPED, Slot
@@ -359,6 +359,7 @@ class EpollWorker:
             else:
                 conn.idle += 1
                 if conn.idle >= TICKS:
+                    abort_if_unsent(conn.fd)  # a FIN behind unsent bytes would never arrive
                     self.end(conn, IDLE_TIMEOUT)
 
     def on_wake(self) -> None:

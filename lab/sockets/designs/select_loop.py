@@ -76,7 +76,7 @@ import time
 from lab.sockets import services, stats
 from lab.sockets.base import Server
 from lab.sockets.config import ConfigError, ServerConfig
-from lab.sockets.echo import outcome_of
+from lab.sockets.echo import abort_if_unsent, outcome_of
 from lab.sockets.eventloop import IdleWheel
 from lab.sockets.log import printable
 from lab.sockets.serving import BUFFER_SIZE
@@ -381,6 +381,7 @@ class SelectServer(Server):
         """A tick of the idle wheel: close what has been idle for --idle-timeout."""
         for conn in self.wheel.advance():
             if conn.fd in self.conns:
+                abort_if_unsent(conn.fd)  # a FIN behind unsent bytes would never arrive
                 self.end(conn, stats.IDLE_TIMEOUT)
         if not self.conns and self.ticking:
             signal.setitimer(signal.ITIMER_REAL, 0)
