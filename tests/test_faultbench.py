@@ -244,8 +244,10 @@ def test_analyse_a_pause_of_one_second_with_nothing_served_during_it() -> None:
     assert run.before_rps == pytest.approx(100 / STEP)  # median of 80, 100, 120 (0 left out)
     # During: the intervals from the injection's (4) to the undo's (14): 90 requests in 1.1 s.
     assert run.during_rps == pytest.approx(90 / 1.1)
-    # Back at 80 per interval: 15, 16, 17 are below, 18, 19, 20 above: 1.8 s in, 0.305 s after.
-    assert run.recovery_s == pytest.approx(1.8 - 1.495)
+    # Back when three intervals average 80 % of before's lower quartile (80): a sum of 192.
+    # From 15 (the first after the undo): 20+50+70 = 140 is short, 50+70+90 = 210 from 16 is
+    # back: 1.6 s in, 0.105 s after.
+    assert run.recovery_s == pytest.approx(1.6 - 1.495)
     assert run.errors == {"timeout": 3} and run.lost == 3 and run.in_flight == 4
     assert run.lasted_s == pytest.approx(1.0)
     assert run.at_s == pytest.approx(0.495)
@@ -253,9 +255,10 @@ def test_analyse_a_pause_of_one_second_with_nothing_served_during_it() -> None:
 
 
 def test_analyse_a_run_that_never_recovers_counts_every_error_to_the_end() -> None:
-    # After the kill at 0.45 s, throughput stays at half. The last three intervals do reach
-    # the mark, but the last one (12) is partial and not judged: never back.
-    ok = [10, 100, 100, 100, 60, 50, 50, 50, 50, 50, 100, 100, 100]
+    # After the kill at 0.45 s, throughput stays at half. The last full three intervals
+    # (9-11: 50, 50, 100) average 67 %, short of 80; the last one (12) is partial and not
+    # judged: never back.
+    ok = [10, 100, 100, 100, 60, 50, 50, 50, 50, 50, 50, 100, 100]
     errors = {"reset": [0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 2]}
     run = analyse(load_dict(ok, errors), parse_fault("kill-worker"), T + 0.45, None)
     assert run.before_rps == pytest.approx(1000.0)

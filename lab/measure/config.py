@@ -133,6 +133,8 @@ class LoadConfig:
         if self.workload != KV:  # the kv workload's settings mean nothing to an echo run
             for name in _KV_FIELDS:
                 del data[name]
+        if not self.series:  # said only by a fault bench's runs (the schema is unchanged)
+            del data["series"]
         return data
 
     @classmethod

@@ -9,8 +9,10 @@ says, from the series alone:
 * **errors during the fault**, by kind: failures from the interval of the injection until the
   first of the intervals that show throughput back (or the end of the run);
 * **recovery**: the time from the fault's end (its injection, for a kill) until throughput is
-  back — the first interval from which three in a row reach :data:`BACK_AT` of the median
-  interval before the fault (none when nothing was measured before it);
+  back — the first interval from which three in a row average :data:`BACK_AT` of the lower
+  quartile of the intervals before the fault (the spread before it is its own measure of
+  noise: on a busy machine single intervals swing by a third), none when nothing was
+  measured before it;
 * **lost against in flight**: the failed requests of that stretch against the requests in
   flight when the fault came (closed loop: one per connection, ``--concurrency``);
 * **verification**: no echo corrupted (``mismatch`` and ``short_read`` zero), in the whole run.
@@ -42,7 +44,7 @@ __all__ = [
     "parse_fault",
 ]
 
-BACK_AT = 0.8  # throughput is back when three intervals in a row reach this share of before
+BACK_AT = 0.8  # back when three intervals in a row average this share of before's lower quartile
 BACK_RUN = 3
 #: The fault kinds, and whether each lasts (``--fault-for``) or is an instant.
 KINDS = {
@@ -289,13 +291,14 @@ def analyse(
     stretch = ok[start:end] if fault.lasts else ok[start : start + int(1 / step)]
     during_rps = sum(stretch) / (len(stretch) * step) if stretch else 0.0
     recovery = None
-    back = BACK_AT * before_rps * step
+    usual = sorted(before)[len(before) // 4] if before else 0  # before's lower quartile
+    back = BACK_AT * usual * BACK_RUN
     upto = length  # errors are counted from the fault's interval until it is back
     last_full = length - 1  # the last interval may be partial
     for i in range(end, last_full - BACK_RUN + 1):
         if before_rps <= 0:
             break  # nothing was measured before the fault: "back" would mean nothing
-        if all(v >= back for v in ok[i : i + BACK_RUN]):
+        if sum(ok[i : i + BACK_RUN]) >= back:
             recovery = max(0.0, i * step - (end_time - measure_start))
             upto = i
             break
