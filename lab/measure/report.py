@@ -1043,7 +1043,7 @@ def fault_bench_lines(results: Mapping[str, Any]) -> list[str]:
         "connect-per-request): a design that serves one connection at a time stalls for "
         "everyone (head-of-line blocking); a concurrent one keeps most of its throughput. "
         "During: the fault's own stretch (1 s after a kill). Back: three 100 ms intervals in a "
-        "row at 80 % of the median before.",
+        "row averaging 80 % of the lower quartile of those before.",
         "",
         *_table(header, rows),
         "",
