@@ -27,7 +27,7 @@ import signal
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from lab.measure.faultbench import WORKER_DESIGNS
 from lab.orchestration import stack
@@ -201,7 +201,6 @@ def network_fault(
     if kind not in NETWORK_FAULTS:
         raise LabError(f"unknown fault {kind!r}: choose {', '.join(NETWORK_FAULTS)}")
     targets = _clients(project, clients)
-    engine = client()
     busy = {}
     for helper in _helpers(project):
         if helper.status == "running":
@@ -221,20 +220,11 @@ def network_fault(
     started: list[tuple[Container, Container]] = []
     try:
         for target in targets:
-            helper = engine.containers.run(
-                str(target.attrs["Image"]),  # the client's own image, by id
+            helper = _run_helper(
+                target,
                 argv,
                 detach=True,
                 name=f"{target.name}-fault",
-                user="0",  # iptables and tc: root, with NET_ADMIN as its only capability
-                network_mode=f"container:{target.id}",
-                cap_drop=["ALL"],
-                cap_add=["NET_ADMIN"],
-                security_opt=["no-new-privileges"],
-                read_only=True,
-                tmpfs={"/run": "", "/tmp": ""},  # iptables' lock file is in /run
-                pids_limit=32,
-                mem_limit="256m",
                 labels={
                     MANAGED_LABEL: "true",
                     stack.FAULT_PROJECT_LABEL: project,
@@ -251,6 +241,27 @@ def network_fault(
         for _, helper in started:
             _undo(helper)
         raise
+
+
+def _run_helper(target: Container, argv: list[str], **how: Any) -> Any:
+    """A helper in ``target``'s network namespace, from its own image (by id): root, with
+    NET_ADMIN (iptables, tc) as its only capability, and otherwise as bounded as the lab's
+    containers — the hardening test's one listed exception. Returns the container (with
+    ``detach=True``) or its output (run to its end)."""
+    return client().containers.run(
+        str(target.attrs["Image"]),
+        argv,
+        user="0",
+        network_mode=f"container:{target.id}",
+        cap_drop=["ALL"],
+        cap_add=["NET_ADMIN"],
+        security_opt=["no-new-privileges"],
+        read_only=True,
+        tmpfs={"/run": "", "/tmp": ""},  # iptables' lock file is in /run
+        pids_limit=32,
+        mem_limit="256m",
+        **how,
+    )
 
 
 def _spec(kind: str, delay_ms: float, jitter_ms: float, loss_pct: float, rate_kbit: int) -> str:
@@ -306,7 +317,8 @@ def _undo(helper: Container) -> str:
 
 
 def _sweep(helper: Container, target: str) -> None:
-    """Run the agent's ``clear`` in ``target``'s namespace (a helper of the same kind)."""
+    """Run the agent's ``clear`` in ``target``'s namespace (a short-lived helper like
+    ``helper``, which died before it could undo)."""
     from docker.errors import APIError, NotFound
 
     engine = client()
@@ -317,17 +329,10 @@ def _sweep(helper: Container, target: str) -> None:
     if container.status != "running":
         return
     with contextlib.suppress(APIError):
-        engine.containers.run(
-            str(helper.attrs["Image"]),
+        _run_helper(
+            container,
             ["python3", "-m", "lab.orchestration.netagent", "clear"],
             remove=True,
-            user="0",
-            network_mode=f"container:{container.id}",
-            cap_drop=["ALL"],
-            cap_add=["NET_ADMIN"],
-            security_opt=["no-new-privileges"],
-            read_only=True,
-            tmpfs={"/run": "", "/tmp": ""},
             labels={MANAGED_LABEL: "true"},
         )
 
