@@ -1036,12 +1036,14 @@ def fault_bench_lines(results: Mapping[str, Any]) -> list[str]:
     return [
         "## Under faults",
         "",
-        "Each design with a fault injected 1 s into a 4 s run at concurrency 6 (`lab bench "
+        "Each design with a fault injected 1 s into a 5 s run at concurrency 6 (`lab bench "
         "--fault`): a worker SIGKILLed under a persistent load (the process designs: at most "
         "the connections that worker held should fail, and the service be back at once), and "
         "in the containers one slow client (300 ms each way on client 1's path for 2 s, "
-        "connect-per-request): a design that serves one connection at a time stalls for "
-        "everyone (head-of-line blocking); a concurrent one keeps most of its throughput. "
+        "connect-per-request): a design whose every server of connections is held by the "
+        "slow client's connections stalls for everyone (head-of-line blocking: iterative's "
+        "one; a pool of 2 held by that client's 2 connections), while one that has a thread, "
+        "a process or a loop to spare — or grows its pool — keeps most of its throughput. "
         "During: the fault's own stretch (1 s after a kill). Back: three 100 ms intervals in a "
         "row averaging 80 % of the lower quartile of those before.",
         "",

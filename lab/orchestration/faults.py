@@ -65,6 +65,7 @@ FAULT_LABEL = "org.lab.fault"  # its kind
 TARGET_LABEL = "org.lab.fault.target"  # the client container it impairs
 SPEC_LABEL = "org.lab.fault.spec"  # what it does, as the user reads it
 READY_TIMEOUT = 30.0  # seconds for a helper to say ``fault ready``
+KILL_ATTEMPTS = 5  # kill-worker: listings to try when the chosen worker exits first
 UNDO_TIMEOUT = 15  # seconds a stopping helper has to undo (a proxy drains for up to 5)
 
 
@@ -132,17 +133,20 @@ def kill_worker(project: str = PROJECT, signal_name: str = "KILL") -> tuple[str,
             f"{design} serves in one process: it has no worker to kill — kill-worker applies "
             f"to {', '.join(WORKER_DESIGNS)} (`lab switch DESIGN`)"
         )
-    found = workers(server)
-    if not found:
-        raise LabError(
-            f"{design} has no worker process now (a process per connection has none while no "
-            "connection is open): try again under load (`lab bench` in another terminal)"
-        )
-    pid = found[-1]
-    result = server.exec_run(["kill", f"-{signal_name}", str(pid)], demux=False)
-    if result.exit_code != 0:
-        raise LabError(f"could not signal worker {pid}: it exited meanwhile — try again")
-    return str(server.name), pid, design
+    # A process per connection may end between the listing and the kill (a short connection):
+    # then list again and take the newest then, a few times.
+    for _ in range(KILL_ATTEMPTS):
+        found = workers(server)
+        if not found:
+            raise LabError(
+                f"{design} has no worker process now (a process per connection has none while "
+                "no connection is open): try again under load (`lab bench` in another terminal)"
+            )
+        pid = found[-1]
+        result = server.exec_run(["kill", f"-{signal_name}", str(pid)], demux=False)
+        if result.exit_code == 0:
+            return str(server.name), pid, design
+    raise LabError(f"could not signal a worker: each exited meanwhile ({pid} last) — try again")
 
 
 def pause(project: str = PROJECT, seconds: float | None = None) -> str:
