@@ -458,14 +458,18 @@ def battery(
     return found
 
 
-#: The fault benches ``lab compare --robustness`` runs per design: a kill (process designs),
-#: and in the containers one slow client (head-of-line blocking shows in iterative).
-FAULTS = ("kill-worker", "delay:300@1")
+#: The fault benches ``lab compare --robustness`` runs per design, each with its workload: a
+#: kill under a persistent load (process designs), and in the containers one slow client,
+#: connect-per-request (the proxy delays new connections; head-of-line blocking shows).
+FAULTS = {"kill-worker": "persistent", "delay:300@1": "connect-per-request"}
 
 
 def _faults_for(design: str, containers: bool) -> list[str]:
-    faults = ["kill-worker"] if design in WORKER_DESIGNS else []
-    return faults + (["delay:300@1"] if containers else [])
+    return [
+        text
+        for text in FAULTS
+        if (design in WORKER_DESIGNS if text == "kill-worker" else containers)
+    ]
 
 
 def steps(designs: Sequence[str], containers: bool) -> int:
@@ -484,9 +488,6 @@ def fault_benches(
     """Each design under each of its :data:`FAULTS` (concurrency 6, the fault 1 s into 5 s, 2 s
     long: room after it to see throughput come back): ``{"design", "fault", "run": FaultRun,
     "series"}``; a bench that fails is kept with its error."""
-    config = make_config(
-        "127.0.0.1", port=1, workload="persistent", concurrency=6, duration=5.0, warmup=1.0
-    )
     found: list[dict[str, Any]] = []
     for design in (d for d in designs if d in DESIGNS):
         for text in _faults_for(design, containers):
@@ -496,9 +497,11 @@ def fault_benches(
             options: tuple[str, ...] = ()
             if DESIGNS[design].pool_of is not None:
                 options = ("--workers", str(workers))
-            workload = config if spec.kind == "kill-worker" else replace_workload(config)
+            config = make_config(
+                "127.0.0.1", port=1, workload=FAULTS[text], concurrency=6, duration=5.0, warmup=1.0
+            )
             try:
-                result = bench(backend, ServerSpec(design, options=options), workload, spec, 1.0)
+                result = bench(backend, ServerSpec(design, options=options), config, spec, 1.0)
             except Exception as exc:  # kept with the sweep's other failures, one line
                 found.append({"design": design, "fault": text, "error": str(exc)})
                 continue
@@ -512,13 +515,6 @@ def fault_benches(
                 }
             )
     return found
-
-
-def replace_workload(config: Any) -> Any:
-    """The slow-client bench is connect-per-request: the proxy delays new connections."""
-    from dataclasses import replace
-
-    return replace(config, workload="connect-per-request", per_connection=1)
 
 
 def table_markdown(checks: Sequence[Check]) -> str:

@@ -315,14 +315,14 @@ def _undo(helper: Container) -> str:
         helper.reload()
         code = helper.attrs.get("State", {}).get("ExitCode", 0)
         if code != 0 and helper.attrs.get("State", {}).get("Status") == "exited":
-            _sweep(helper, target)  # killed before it undid: its rules may be in place
+            _sweep(target)  # killed before it undid: its rules may be in place
         helper.remove(force=True)
     return f"{spec} removed from {target}"
 
 
-def _sweep(helper: Container, target: str) -> None:
-    """Run the agent's ``clear`` in ``target``'s namespace (a short-lived helper like
-    ``helper``, which died before it could undo)."""
+def _sweep(target: str) -> None:
+    """Run the agent's ``clear`` in ``target``'s namespace (a short-lived helper, for one that
+    died before it could undo)."""
     from docker.errors import APIError, NotFound
 
     engine = client()
