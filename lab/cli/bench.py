@@ -101,10 +101,21 @@ def bench(
     fault_for: Annotated[
         float, typer.Option(min=0.1, help="--fault: how long it lasts (a kill is an instant)")
     ] = 1.0,
+    on_swarm: Annotated[
+        bool,
+        typer.Option(
+            "--swarm",
+            help="the lab deployed on Docker Swarm (`lab up --swarm`): load from every client task",
+        ),
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON for machines")] = False,
 ) -> None:
     """Load one design (or peer, or your own server) and measure it: throughput, latency,
     server CPU and memory (with --fault: what a fault did to it)."""
+    if on_swarm:
+        if local:
+            raise typer.BadParameter("--swarm and --local: choose one")
+        _require_swarm()
     spec = _server_spec(ctx, design, workers, server_cmd, name, mount or [])
     if db is not None:
         spec = _with_database(spec, db, local)
@@ -124,10 +135,14 @@ def bench(
         (mix, keys, distribution),
         (injected, at),
     )
+    if on_swarm:
+        result["swarm"] = _placement()
     if as_json:
         typer.echo(json.dumps(result, indent=2))
     else:
         console.print(result_table([result]))
+        if on_swarm:
+            typer.echo(f"tasks: {result['swarm']['tasks']}")
         if "fault" in result:
             from lab.measure.faultbench import FaultRun
 
@@ -246,6 +261,21 @@ def _server_spec(
     except UserServerError as exc:
         typer.echo(f"lab bench: error: {exc}", err=True)
         raise typer.Exit(2) from None
+
+
+def _require_swarm() -> None:
+    from lab.orchestration import stack
+
+    with user_errors("lab bench"):
+        stack.require_swarm()
+
+
+def _placement() -> dict[str, str]:
+    from lab.orchestration.bench import placement
+    from lab.orchestration.engine import PROJECT, client
+
+    with user_errors("lab bench"):
+        return placement(client(), PROJECT)
 
 
 def _bench(

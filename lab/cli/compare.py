@@ -154,6 +154,14 @@ def compare(
             "at the same path (repeatable; e.g. --mount .)",
         ),
     ] = None,
+    on_swarm: Annotated[
+        bool,
+        typer.Option(
+            "--swarm",
+            help="the lab deployed on Docker Swarm (`lab up --swarm`): the lab's designs only "
+            "(peers run in the compose lab), loaded from every client task",
+        ),
+    ] = False,
     out: Annotated[Path, typer.Option(help="results folder", envvar="LAB_RESULTS")] = Path(
         "results"
     ),
@@ -162,11 +170,22 @@ def compare(
     from lab.measure import compare as sweep
     from lab.measure.bench import BenchError, LocalBackend
     from lab.measure.usercmd import UserServerError
+    from lab.sockets.designs import DESIGNS
 
     user, mounts = _user_servers(peer or [], mount or [])
     with user_errors("lab compare"):
+        if on_swarm:
+            from lab.orchestration import stack
+
+            if local:
+                raise typer.BadParameter("--swarm and --local: choose one")
+            stack.require_swarm()
+            if experiments is None:
+                experiments = False  # they need peers and local servers
         try:
             names = _csv(designs) or (sweep.quick_servers() if quick else sweep.all_servers())
+            if on_swarm and not designs:
+                names = [name for name in names if name in DESIGNS]
             names += [name for name in user if name not in names]
             sweep.check_servers(names, user)
             curve = _csv(latency_curve) or []
@@ -231,6 +250,7 @@ def compare(
                 *(["--experiments"] if quick and matrix.experiments else []),
                 *(["--robustness"] if robustness else []),
                 *(["--local"] if local else []),
+                *(["--swarm"] if on_swarm else []),
             ]
         )
         with progress_display(console) as progress:

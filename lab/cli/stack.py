@@ -42,6 +42,13 @@ def _check_service(service: str | None) -> str | None:
     return service
 
 
+#: ``--swarm`` on the commands that act on a running lab: they find the lab wherever it runs
+#: (compose or Swarm); the flag asks for the Swarm one and says so when it is not there.
+OnSwarm = Annotated[
+    bool, typer.Option("--swarm", help="the lab deployed on Docker Swarm (`lab up --swarm`)")
+]
+
+
 def _table(rows: list[dict[str, Any]]) -> Table:
     table = Table("container", "service", "state", "health", "hostname", "address", "design")
     for row in rows:
@@ -76,6 +83,25 @@ def up(
             callback=_check_service,
         ),
     ] = None,
+    on_swarm: Annotated[
+        bool,
+        typer.Option(
+            "--swarm",
+            help="deploy as a stack on the Docker Swarm this engine manages (docs/swarm.md)",
+        ),
+    ] = False,
+    server_node: Annotated[
+        str | None,
+        typer.Option(help="with --swarm: the node (hostname) the server runs on (default: any)"),
+    ] = None,
+    engines: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--engine",
+            help="with --swarm: another node's Docker engine (tcp://HOST:2375, ssh://…), to "
+            "check and load the image there and reach its tasks; repeat per node",
+        ),
+    ] = None,
 ) -> None:
     """Build the images if missing, start the server and the clients, wait until healthy (what
     is left of an earlier lab — an exited server, a bench's peer — is removed first)."""
@@ -83,6 +109,9 @@ def up(
 
     from lab.orchestration import stack
 
+    if not on_swarm and (server_node or engines):
+        raise typer.BadParameter("--server-node and --engine go with --swarm")
+    where = stack.Swarm(server_node, tuple(engines or ())) if on_swarm else None
     with user_errors("lab up"):
         with console.status("preparing the lab…") as status:
             found = stack.up(
@@ -90,6 +119,7 @@ def up(
                 clients,
                 progress=lambda line: status.update(line[:100]),
                 extra_env={"LAB_SERVICE": service} if service else None,
+                on=where,
             )
             if transcript:
                 status.update("waiting for the clients' first exchanges…")
@@ -98,6 +128,11 @@ def up(
             for line in stack.transcript():
                 typer.echo(line)
     console.print(_table([asdict(m) for m in found]))
+    if on_swarm:
+        console.print(
+            "no port is published on the swarm: reach the server from a client task, "
+            "`lab exec-client -- lab client bakawali -m hi`"
+        )
     console.print("the transcript: `lab logs`; the statistics: `lab status`; stop: `lab down`")
 
 
@@ -105,12 +140,16 @@ def down(
     volumes: Annotated[
         bool, typer.Option("--volumes", help="also remove the data volume (the kv database)")
     ] = False,
+    on_swarm: OnSwarm = False,
 ) -> None:
     """Remove every container and the network of the lab, a bench's peer too (no images; the
-    data volume only with --volumes)."""
+    data volume only with --volumes); on Swarm the stack, and the images it loaded onto other
+    nodes."""
     from lab.orchestration import stack
 
     with user_errors("lab down"):
+        if on_swarm:
+            stack.require_swarm(deployed=False)  # nothing deployed: nothing to do
         count = stack.down(volumes=volumes)
     what = "network and its data volume" if volumes else "network (its data volume is kept)"
     typer.echo(f"removed {count} container(s) and the lab's {what}")
@@ -118,17 +157,25 @@ def down(
 
 def status(
     as_json: Annotated[bool, typer.Option("--json", help="print JSON for machines")] = False,
+    on_swarm: OnSwarm = False,
 ) -> None:
     """The design, each container's state and address, and the server's live statistics."""
     from lab.orchestration import stack
 
     with user_errors("lab status"):
+        if on_swarm:
+            stack.require_swarm()
         report = stack.status()
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return
     console.print(f"design [bold]{report['design']}[/], server {report['health']}")
     console.print(_table(report["containers"]))
+    if report.get("swarm"):
+        tasks = Table("task", "node", "state")
+        for task in report["swarm"]["tasks"]:
+            tasks.add_row(task["task"], task["node"], task["state"])
+        console.print(tasks)
     stats = report["stats"]
     if stats:
         console.print_json(json.dumps(stats))
@@ -139,11 +186,14 @@ def status(
 def logs(
     which: Annotated[Which, typer.Argument(help="whose logs")] = Which.all,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="keep following")] = False,
+    on_swarm: OnSwarm = False,
 ) -> None:
     """The lab's logs: the server's traced socket calls and the clients' exchanges."""
     from lab.orchestration import stack
 
     with user_errors("lab logs"):
+        if on_swarm:
+            stack.require_swarm()
         stack.logs(which.value, follow)
 
 
@@ -156,18 +206,22 @@ def switch(
             callback=_check_service,
         ),
     ] = None,
+    on_swarm: OnSwarm = False,
 ) -> None:
     """Restart the server with another design; the clients keep running, and so does the
     service (and the kv database) unless --service says otherwise."""
     from lab.orchestration import stack
 
     with user_errors("lab switch"), console.status(f"switching to {design}…"):
+        if on_swarm:
+            stack.require_swarm()
         server = stack.switch(design, extra_env={"LAB_SERVICE": service} if service else None)
     typer.echo(f"server {server.name} now runs {server.design} ({server.health})")
 
 
 def exec_client(
     command: Annotated[list[str], typer.Argument(help="[N] -- COMMAND: client N (default 1)")],
+    on_swarm: OnSwarm = False,
 ) -> None:
     """Run a command in a client container: `lab exec-client 2 -- lab client bakawali -m hi`."""
     from lab.orchestration import stack
@@ -176,5 +230,7 @@ def exec_client(
     if len(command) > 1 and command[0].isdigit():
         number, command = int(command[0]), command[1:]
     with user_errors("lab exec-client"):
+        if on_swarm:
+            stack.require_swarm()
         code = stack.exec_client(number, command)
     raise typer.Exit(code)

@@ -54,16 +54,31 @@ def peer_sysctls() -> dict[str, str]:
 
 def describe() -> dict[str, Any]:
     """What a containerised run records of its environment: engine, compose, image."""
-    from lab.orchestration import compose
+    from lab.orchestration import compose, swarm
     from lab.orchestration.images import ensure_images
 
     engine = client()
     images = ensure_images()
-    return {
+    found = {
         "docker": engine.version().get("Version"),
         "compose": compose.version(),
         "image": images.lab,
         "image_id": engine.images.get(images.lab).id,
+    }
+    if swarm.deployed(engine, PROJECT):
+        found["swarm"] = placement(engine, PROJECT)
+    return found
+
+
+def placement(engine: Any, project: str) -> dict[str, str]:
+    """Where a Swarm lab runs, for a report: its nodes and the node of each task."""
+    from lab.orchestration import swarm
+
+    return {
+        "nodes": ", ".join(f"{n.hostname} ({n.role})" for n in swarm.nodes(engine)),
+        "tasks": ", ".join(
+            f"{t['task']} on {t['node']}" for t in swarm.placements(engine, project)
+        ),
     }
 
 
@@ -137,6 +152,12 @@ class DockerBackend:
         env = {"LAB_TRACE": "0", "LAB_SERVICE": "echo", "LAB_DB": "", **options_env(server.options)}
         self._remember()
         self._reader = None  # the server may change: read whichever runs after this
+        if (server.peer or server.command) and self._on_swarm():
+            raise LabError(
+                f"{server.design}: peers and --server-cmd run in the compose lab only (on Swarm "
+                "the server is a service's task): bench the lab's designs, or `lab down` and "
+                "`lab up`"
+            )
         if server.peer or server.command:
             # another peer or user server, or other options: restart
             if self.peer is None or self.peer_spec != server:
@@ -160,6 +181,10 @@ class DockerBackend:
         self._apply_pinning()
         return SERVER_HOST, SERVER_PORT
 
+    def _on_swarm(self) -> bool:
+        server = stack.find_server(self.engine, self.project)
+        return server is not None and stack.on_swarm(server)
+
     def _up(self, design: str, env: dict[str, str] | None = None) -> None:
         """Start the lab, and wait until its clients' introductory exchanges are over: they
         would otherwise reach the server (or the peer put in its place) during the bench."""
@@ -167,11 +192,11 @@ class DockerBackend:
         stack.wait_for_introductions(self.project)
 
     def _apply_pinning(self) -> None:
-        if not self.pin:
+        if not self.pin or self._on_swarm():  # a task's CPU set is the node's business
             return
         for container in stack.containers(self.engine, self.project):
             if container.status == "running":
-                service = container.labels.get(SERVICE_LABEL)
+                service = stack.service_of(container)
                 container.update(cpuset_cpus="1" if service == "client" else "0")
 
     def _server_running(self) -> bool:
@@ -312,7 +337,7 @@ class DockerBackend:
         clients = [
             c
             for c in stack.containers(self.engine, self.project)
-            if c.labels.get(SERVICE_LABEL) == "client" and c.status == "running"
+            if stack.service_of(c) == "client" and c.status == "running"
         ]
         spread = ",".join(map(str, indices))
         through = ["server", SERVER_HOST, str(SERVER_PORT), tag, spread]
@@ -333,7 +358,7 @@ class DockerBackend:
         if self._found is not None:
             return
         found = stack.containers(self.engine, self.project)
-        server = next((c for c in found if c.labels.get(SERVICE_LABEL) == "server"), None)
+        server = next((c for c in found if stack.service_of(c) == "server"), None)
         self._found = _Found(
             server_id=server.id if server is not None else None,
             design=stack.member(server).design if server is not None else "",
@@ -381,7 +406,7 @@ class DockerBackend:
         if found.server_id is None:
             stack.down(self.project, timeout=5)  # the bench started the lab: it goes
             return
-        server = next((c for c in now if c.labels.get(SERVICE_LABEL) == "server"), None)
+        server = next((c for c in now if stack.service_of(c) == "server"), None)
         if server is None or server.id != found.server_id or server.status != "running":
             stack.switch(found.design, self.project, extra_env=found.settings)
         every_cpu = f"0-{max(1, int(self.engine.info().get('NCPU') or 1)) - 1}"
@@ -442,7 +467,7 @@ class DockerBackend:
         loaders = [
             c
             for c in stack.containers(self.engine, self.project)
-            if c.labels.get("com.docker.compose.service") == "client" and c.status == "running"
+            if stack.service_of(c) == "client" and c.status == "running"
         ]
         if not loaders:
             raise LabError("no running client containers: `lab up` starts them")

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-from lab.orchestration import compose
+from lab.orchestration import compose, swarm
 from lab.orchestration.engine import MANAGED_LABEL, PROJECT, LabError, client
 from lab.orchestration.images import ensure_images
 
@@ -52,19 +52,32 @@ class Member:
 
 
 def containers(engine: docker.DockerClient, project: str = PROJECT) -> list[Container]:
+    """The project's containers: compose's, or the running tasks of its Swarm stack (on this
+    node and on every node whose engine `lab up --swarm --engine` was given)."""
     # ignore_removed: the SDK lists, then inspects each container; one removed in between (a
     # bench's peer going away, compose recreating the server) is not an error, just gone.
     found = engine.containers.list(
         all=True, filters={"label": f"{compose.PROJECT_LABEL}={project}"}, ignore_removed=True
     )
-    return sorted(found, key=lambda c: (_service(c) != "server", _service(c), _number(c)))
+    found += swarm.task_containers(engine, project)
+    return sorted(found, key=lambda c: (service_of(c) != "server", service_of(c), _number(c)))
 
 
-def _service(container: Container) -> str:
+def on_swarm(container: Container) -> bool:
+    """A task of a Swarm stack (`lab up --swarm`), not a compose container."""
+    return swarm.STACK_LABEL in container.labels
+
+
+def service_of(container: Container) -> str:
+    """Which service of compose.yaml the container is (``server``, ``client``; ``peer``)."""
+    if on_swarm(container):
+        return swarm.service_of(container, str(container.labels[swarm.STACK_LABEL]))
     return str(container.labels.get(compose.SERVICE_LABEL, "?"))
 
 
 def _number(container: Container) -> int:
+    if on_swarm(container):
+        return swarm.slot_of(container)
     return int(container.labels.get(compose.NUMBER_LABEL, "0") or 0)
 
 
@@ -79,14 +92,14 @@ def member(container: Container) -> Member:
     addresses = [n.get("IPAddress", "") for n in networks.values() if n.get("IPAddress")]
     return Member(
         name=container.name or container.short_id,
-        service=_service(container),
+        service=service_of(container),
         number=_number(container),
         state=str(state.get("Status", "?")),
         health=str((state.get("Health") or {}).get("Status", "-")),
         hostname=str(container.attrs.get("Config", {}).get("Hostname", "")),
         address=",".join(addresses) or "-",
         image=str(container.attrs.get("Config", {}).get("Image", "")),
-        design=_env(container).get("LAB_DESIGN", "") if _service(container) == "server" else "",
+        design=_env(container).get("LAB_DESIGN", "") if service_of(container) == "server" else "",
     )
 
 
@@ -95,7 +108,7 @@ def members(project: str = PROJECT) -> list[Member]:
 
 
 def find_server(engine: docker.DockerClient, project: str = PROJECT) -> Container | None:
-    return next((c for c in containers(engine, project) if _service(c) == "server"), None)
+    return next((c for c in containers(engine, project) if service_of(c) == "server"), None)
 
 
 def server_container(engine: docker.DockerClient, project: str = PROJECT) -> Container:
@@ -107,7 +120,7 @@ def server_container(engine: docker.DockerClient, project: str = PROJECT) -> Con
 
 def foreign(container: Container) -> bool:
     """A container of the project that compose.yaml does not define (a bench's peer)."""
-    return _service(container) not in COMPOSE_SERVICES
+    return service_of(container) not in COMPOSE_SERVICES
 
 
 def remove_foreign(engine: docker.DockerClient, project: str = PROJECT) -> list[str]:
@@ -145,14 +158,14 @@ def remove_fault_helpers(engine: docker.DockerClient, project: str = PROJECT) ->
 def whole(found: Sequence[Container]) -> bool:
     """The lab is up as `lab up` leaves it: the server running (healthy, or still starting), at
     least one client, every client running, nothing else."""
-    server = [c for c in found if _service(c) == "server"]
-    rest = [c for c in found if _service(c) != "server"]
+    server = [c for c in found if service_of(c) == "server"]
+    rest = [c for c in found if service_of(c) != "server"]
     return (
         len(server) == 1
         and server[0].status == "running"
         and member(server[0]).health in ("healthy", "starting")
         and bool(rest)
-        and all(_service(c) == "client" and c.status == "running" for c in rest)
+        and all(service_of(c) == "client" and c.status == "running" for c in rest)
     )
 
 
@@ -160,7 +173,7 @@ def summary(found: Sequence[Container]) -> str:
     """``server exited, 3 client(s) running, peer running`` — the state in a few words."""
     counts: dict[tuple[str, str], int] = {}
     for container in found:
-        key = (_service(container), container.status)
+        key = (service_of(container), container.status)
         counts[key] = counts.get(key, 0) + 1
     parts = [
         f"{service} {state}" if service == "server" else f"{n} {service}(s) {state}"
@@ -192,13 +205,18 @@ def up(
     progress: Callable[[str], None] | None = None,
     project: str = PROJECT,
     extra_env: dict[str, str] | None = None,
+    on: Swarm | None = None,
 ) -> list[Member]:
+    """Start the lab with compose, or as a Swarm stack with ``on``."""
     engine = client()
+    if on is not None:
+        swarm.require_manager(engine)  # before anything is built or removed
     found = containers(engine, project)
-    if whole(found):
-        current = member(found[0]).design or "?"
+    if whole(found) or swarm.deployed(engine, project):
+        current = member(found[0]).design if found else "?"
+        where = " on the swarm" if swarm.deployed(engine, project) else ""
         raise LabError(
-            f"the lab is already up (design {current}, {len(found)} containers): "
+            f"the lab is already up{where} (design {current}, {len(found)} containers): "
             "`lab switch DESIGN` changes the design, `lab down` stops it"
         )
     if found:
@@ -209,17 +227,62 @@ def up(
         down(project, timeout=5)
     images = ensure_images(progress)
     env = {"LAB_IMAGE": images.lab, "LAB_DESIGN": design, **(extra_env or {})}
-    if progress:
-        progress(f"starting the server ({design}) and {clients} client(s) with {compose.version()}")
     try:
-        compose.run(["up", "-d", "--scale", f"client={clients}"], env=env, project=project)
-        wait_healthy(engine, project)
+        if on is not None:
+            _up_swarm(engine, project, clients, env, on, progress)
+        else:
+            if progress:
+                tool = compose.version()
+                progress(f"starting the server ({design}) and {clients} client(s) with {tool}")
+            compose.run(["up", "-d", "--scale", f"client={clients}"], env=env, project=project)
+            wait_healthy(engine, project)
     except LabError:
-        # Leave nothing half-started behind (a created server, the network).
+        # Leave nothing half-started behind (a created server, the network, a stack).
         with contextlib.suppress(LabError):
             down(project, timeout=5)
         raise
     return [member(c) for c in containers(engine, project)]
+
+
+@dataclass(frozen=True)
+class Swarm:
+    """Where `lab up --swarm` puts the lab: the server's node (any when None) and the node
+    engines the user listed (to check and load the image there, and to exec into tasks)."""
+
+    server_node: str | None = None
+    engines: tuple[str, ...] = ()
+
+
+def _up_swarm(
+    engine: docker.DockerClient,
+    project: str,
+    clients: int,
+    env: dict[str, str],
+    on: Swarm,
+    progress: Callable[[str], None] | None,
+) -> None:
+    engines = swarm.node_engines(engine, on.engines)
+    image, design = env["LAB_IMAGE"], env["LAB_DESIGN"]
+    loaded = swarm.ensure_images_on_nodes(engine, image, engines, on.server_node, progress)
+    if progress:
+        progress(f"deploying the stack {project}: the server ({design}), {clients} client(s)")
+    swarm.deploy(
+        engine,
+        project,
+        {**env, "LAB_CLIENTS": str(clients)},
+        on.server_node,
+        on.engines,
+        {node: image for node in loaded},
+    )
+
+
+def require_swarm(project: str = PROJECT, deployed: bool = True) -> None:
+    """For ``--swarm``: this engine must be a swarm manager, and (``deployed``) the lab
+    deployed there as a stack."""
+    engine = client()
+    swarm.require_manager(engine)
+    if deployed and not swarm.deployed(engine, project):
+        raise LabError("the lab is not up on the swarm: start it with `lab up --swarm`")
 
 
 def wait_healthy(
@@ -254,7 +317,7 @@ def wait_for_introductions(
     while time.monotonic() < deadline:
         pending = []
         for container in containers(engine, project):
-            if _service(container) != "client":
+            if service_of(container) != "client":
                 continue
             text = container.logs().decode("utf-8", "replace")
             done = text.count("successfully received") + text.count("lab client: error")
@@ -281,6 +344,8 @@ def down(project: str = PROJECT, timeout: int = 20, volumes: bool = False) -> in
                 container.unpause()
     remove_fault_helpers(engine, project)  # their rules go with the clients' namespaces
     remove_foreign(engine, project)  # first: a peer's endpoint would keep labnet in use
+    if swarm.deployed(engine, project):
+        swarm.remove(engine, project, volumes)
     failure: LabError | None = None
     args = [
         "down",
@@ -358,12 +423,26 @@ def status(project: str = PROJECT) -> dict[str, Any]:
     if not found:
         raise LabError("the lab is not up: start it with `lab up`")
     server = next((m for m in found if m.service == "server"), None)
+    on = swarm.deployed(engine, project)
     return {
         "project": project,
+        "swarm": {
+            "nodes": [asdict(n) for n in swarm.nodes(engine)],
+            "tasks": swarm.placements(engine, project),
+        }
+        if on
+        else None,
         "design": server.design if server else None,
         "health": server.health if server else None,
         "containers": [asdict(m) for m in found],
         "stats": server_stats(engine, project) if server else None,
+    }
+
+
+def _swarm_status(engine: docker.DockerClient, project: str) -> dict[str, Any]:
+    return {
+        "nodes": [asdict(n) for n in swarm.nodes(engine)],
+        "tasks": swarm.placements(engine, project),
     }
 
 
@@ -385,28 +464,39 @@ def switch(design: str, project: str = PROJECT, extra_env: dict[str, str] | None
         }
     )
     env = {"LAB_IMAGE": member(server).image, **kept, "LAB_DESIGN": design, **(extra_env or {})}
+    if on_swarm(server):
+        # The image and the published port are the service's; the rest goes in its env.
+        swarm.update_server(engine, project, {k: v for k, v in env.items() if k in _SERVER_VARS})
+        return member(server_container(engine, project))
     compose.run(["up", "-d", "--no-deps", "--force-recreate", "server"], env=env, project=project)
     wait_healthy(engine, project)
     return member(server_container(engine, project))
 
 
+#: What a switch may change in a Swarm server's environment: the design, and the server's
+#: options (a bench's LAB_TRACE=0 and --workers among them).
+_SERVER_VARS = compose.SERVER_OPTION_VARS | {"LAB_DESIGN", "LAB_TRACE", *SERVICE_VARS}
+
+
 def exec_client(number: int, argv: Sequence[str], project: str = PROJECT) -> int:
     """Run ``argv`` in client ``number``, streaming its output; returns its exit code."""
     engine = client()
-    clients = [c for c in containers(engine, project) if _service(c) == "client"]
+    clients = [c for c in containers(engine, project) if service_of(c) == "client"]
     chosen = next((c for c in clients if _number(c) == number), None)
     if chosen is None or chosen.status != "running":
         have = ", ".join(str(_number(c)) for c in clients) or "none"
         raise LabError(f"no running client {number} (clients: {have}): see `lab status`")
-    exec_id = engine.api.exec_create(chosen.id, list(argv), stdout=True, stderr=True)["Id"]
-    for out, err in engine.api.exec_start(exec_id, stream=True, demux=True):
+    # the engine of the client's node (a Swarm task's may be another's)
+    api = (chosen.client or engine).api
+    exec_id = api.exec_create(chosen.id, list(argv), stdout=True, stderr=True)["Id"]
+    for out, err in api.exec_start(exec_id, stream=True, demux=True):
         if out:
             sys.stdout.buffer.write(out)
             sys.stdout.flush()
         if err:
             sys.stderr.buffer.write(err)
             sys.stderr.flush()
-    code: int = engine.api.exec_inspect(exec_id)["ExitCode"]
+    code: int = api.exec_inspect(exec_id)["ExitCode"]
     return code
 
 
@@ -416,6 +506,9 @@ def logs(which: str, follow: bool, project: str = PROJECT) -> None:
     1.29 prints one container after another)."""
     if follow:
         services = [] if which == "all" else [which]
+        if swarm.deployed(client(), project):
+            swarm.follow_logs(project, services or list(COMPOSE_SERVICES))
+            return
         compose.run(["logs", "-f", *services], project=project, capture=False)
         return
     for line in transcript(which, project):
@@ -424,13 +517,13 @@ def logs(which: str, follow: bool, project: str = PROJECT) -> None:
 
 def transcript(which: str = "all", project: str = PROJECT) -> list[str]:
     engine = client()
-    chosen = [c for c in containers(engine, project) if which in ("all", _service(c))]
+    chosen = [c for c in containers(engine, project) if which in ("all", service_of(c))]
     if not chosen:
         raise LabError("the lab is not up: start it with `lab up`")
     stamped: list[tuple[str, str]] = []
     for container in chosen:
-        name = _service(container) + (
-            f"-{_number(container)}" if _service(container) == "client" else ""
+        name = service_of(container) + (
+            f"-{_number(container)}" if service_of(container) == "client" else ""
         )
         text = container.logs(timestamps=True).decode("utf-8", "replace")
         for line in text.splitlines():
