@@ -81,7 +81,7 @@ def echo(fd: int, serving: Serving) -> str:
                     serving.log.trace(f"The message from client: {printable(bytes(out))}")
                 sent = write(fd, out)
                 if sent != n:
-                    sent += _write_rest(fd, view, sent, n, serving.idle_timeout)
+                    sent += write_rest(fd, view, sent, n, serving.idle_timeout)
                 bytes_out += sent
                 if tracing:
                     serving.log.trace("send() is OK")
@@ -133,7 +133,7 @@ def abort_if_unsent(fd: int) -> None:
 _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
 
 
-def _write_rest(fd: int, view: memoryview, sent: int, n: int, limit: float) -> int:
+def write_rest(fd: int, view: memoryview, sent: int, n: int, limit: float) -> int:
     """A short write (a big message, or a signal mid-write): send the rest; EAGAIN after no
     progress for the timeout propagates as the idle timeout.
 

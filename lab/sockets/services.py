@@ -33,7 +33,7 @@ import os
 
 from lab.sockets import stats
 from lab.sockets.config import ConfigError, ServerConfig
-from lab.sockets.echo import echo, outcome_of
+from lab.sockets.echo import abort_if_unsent, echo, outcome_of, write_rest
 from lab.sockets.log import printable
 from lab.sockets.serving import BUFFER_SIZE, Serving
 
@@ -140,11 +140,15 @@ def serve_kv(path: str, close_after: bool = False) -> Service:
                     replies = session.receive(data)
                     while True:
                         if replies:
-                            view, sent = memoryview(replies), 0
-                            while sent < len(replies):
-                                n = write(fd, view[sent:])
-                                sent += n
-                                bytes_out += n
+                            # As echo's: a client that sends commands and never reads is cut
+                            # after --idle-timeout in all, with a reset (below).
+                            n = len(replies)
+                            sent = write(fd, replies)
+                            if sent != n:
+                                sent += write_rest(
+                                    fd, memoryview(replies), sent, n, serving.idle_timeout
+                                )
+                            bytes_out += sent
                             if tracing:
                                 serving.log.trace(f"send() is OK: {printable(replies)}")
                         if not session.unfed:
@@ -153,6 +157,7 @@ def serve_kv(path: str, close_after: bool = False) -> Service:
                 outcome = stats.STOPPED if serving.cut else stats.COMPLETED
             except BlockingIOError:  # SO_RCVTIMEO/SO_SNDTIMEO: no progress for --idle-timeout
                 outcome = stats.STOPPED if serving.cut else stats.IDLE_TIMEOUT
+                abort_if_unsent(fd)
             except OSError as exc:
                 outcome = stats.STOPPED if serving.cut else outcome_of(exc)
                 if tracing and outcome == stats.ERROR:
