@@ -58,7 +58,11 @@ KINDS = {
     "switch": False,
 }
 NETWORK = ("delay", "stall", "loss", "rate", "partition")
-CORRUPT = ("mismatch", "short_read")  # an echo that came back wrong
+#: An echo that came back wrong: a byte that differs from what was sent. A short read (the
+#: stream ended before the whole echo; every byte that came was right) is a cut connection —
+#: what a killed worker leaves when it had read the request: the kernel closes its socket with
+#: a FIN, not a reset — so it counts as lost, not as corrupted.
+CORRUPT = ("mismatch",)
 
 
 #: The designs that serve in worker processes a kill can take away: the process pools and the
