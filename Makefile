@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 # Host tools the tests use as real peers (socat and nc as clients, gcc for the original C programs).
 HOST_TOOLS := socat nc gcc strace
 
-.PHONY: all venv host-tools cpeer test lint lab images transcript-local down clean
+.PHONY: all venv host-tools cpeer test lint lab images transcript-local down clean rehearsal
 DESIGN ?= iterative
 
 all: test
@@ -58,17 +58,22 @@ TEST_WORKERS ?= 2
 
 test: venv host-tools cpeer
 ifeq ($(TEST_WORKERS),0)
-	$(PY) -m pytest
+	$(PY) -m pytest -m "not rehearsal"
 else
 	status=0; \
 	$(PY) -m pytest -m measuring || status=$$?; \
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup -m "not measuring" || status=$$?; \
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup -m "not measuring and not rehearsal" || status=$$?; \
 	exit $$status
 endif
 
+# The multi-node Swarm rehearsal (scripts/swarm_rehearsal.py): Docker-in-Docker nodes on this
+# machine, the lab across them, then nothing left. A few minutes; root (privileged containers).
+rehearsal: venv cpeer
+	$(PY) -m pytest -m rehearsal tests/integration/test_swarm_rehearsal.py
+
 lint: venv
-	$(VENV)/bin/ruff check lab tests
-	$(VENV)/bin/ruff format --check lab tests
+	$(VENV)/bin/ruff check lab tests scripts
+	$(VENV)/bin/ruff format --check lab tests scripts
 	$(VENV)/bin/mypy
 
 # The containerised lab: images built from nothing if missing (offline: debootstrap base, host

@@ -98,7 +98,11 @@ def test_lab_not_up_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 class _Nothing:
-    """A docker client whose engine lists no containers and no networks."""
+    """A docker client whose engine lists no containers and no networks, in no swarm."""
+
+    @staticmethod
+    def info() -> dict[str, object]:
+        return {}
 
     class containers:  # named as the SDK names it
         @staticmethod
@@ -126,6 +130,10 @@ def test_lab_down_that_cannot_remove_everything_says_what_is_left(
 
     class Stuck:
         """An engine whose network stays: still in use by something outside the lab."""
+
+        @staticmethod
+        def info() -> dict[str, object]:
+            return {}  # in no swarm
 
         class containers:
             @staticmethod

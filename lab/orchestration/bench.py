@@ -512,7 +512,9 @@ class DockerBackend:
         """The load service of ``container``, started on its first load (see loaders.py)."""
         session = self._sessions.get(str(container.id))
         if session is None:
-            session = self._sessions[str(container.id)] = LoaderSession(self.engine, container)
+            session = self._sessions[str(container.id)] = LoaderSession(
+                container.client or self.engine, container
+            )
         return session
 
     def _close_sessions(self) -> None:
