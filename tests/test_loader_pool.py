@@ -65,3 +65,19 @@ def test_the_load_service_answers_each_request_and_keeps_its_loaders(
         service.stdin.close()
         assert service.wait(30) == 0
     assert not descendants(service.pid)
+
+
+def test_the_load_service_keeps_a_target_only_while_its_name_resolves_to_it() -> None:
+    """On Swarm a switch gives the server task a new address under the same name: the service
+    resolves afresh when the name no longer points at the address it kept."""
+    import socket
+
+    from lab.measure.service import _still
+    from lab.measure.target import Target
+
+    here = Target("localhost", 12345, socket.AF_INET, ("127.0.0.1", 12345))
+    moved = Target("localhost", 12345, socket.AF_INET, ("127.0.0.9", 12345))
+    gone = Target("no-such-host.invalid", 12345, socket.AF_INET, ("127.0.0.1", 12345))
+    assert _still(here, 2.0)
+    assert not _still(moved, 2.0)
+    assert not _still(gone, 2.0)

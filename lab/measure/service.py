@@ -8,8 +8,11 @@ service is started once per client container and told what to run, one JSON obje
 * in: ``{"config": LoadConfig.to_dict()}`` (the container's share, with its shared start time);
 * out: ``{"result": LoadResult.to_dict()}``, or ``{"error": "one line"}``.
 
-The target is resolved once per (host, port) for the service's life — the lab's server keeps
-its name and address across a sweep.
+The target is resolved once per (host, port) and kept while the name still resolves to its
+address: a run looks the name up again (no connection, before its start time), and only a new
+address is resolved and checked anew. Compose's server keeps its address across a sweep; on
+Swarm, each switch (a rolling update) gives the server task a new one, and a kept address would
+send every SYN of the next cell to a container that is gone.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from lab.measure.config import LoadConfig
 from lab.measure.errors import LoadError
 from lab.measure.load import LoaderPool, run_load
 from lab.measure.target import Target, resolve_target
+from lab.sockets.client import resolve
 
 
 def main() -> int:
@@ -39,7 +43,8 @@ def main() -> int:
             try:
                 config = LoadConfig.from_dict(json.loads(line)["config"])
                 key = (config.host, config.port)
-                if key not in targets:
+                known = targets.get(key)
+                if known is None or not _still(known, config.timeout):
                     targets[key] = resolve_target(config.host, config.port, config.timeout)
                 result = run_load(config, target=targets[key], pool=pool)
             except LoadError as exc:
@@ -54,6 +59,15 @@ def main() -> int:
     finally:
         pool.close()
     return 0
+
+
+def _still(target: Target, timeout: float) -> bool:
+    """Whether the target's name still resolves to the address kept for it."""
+    try:
+        infos = resolve(target.host, target.port, timeout)
+    except (OSError, UnicodeError, ValueError):
+        return False  # resolve_target says why, in one line
+    return any(info[4][0] == target.address for info in infos)
 
 
 if __name__ == "__main__":
