@@ -69,14 +69,6 @@ def _limits(key: str, field: str) -> Callable[[str, Service], None]:
     return apply
 
 
-def _ports(_name: str, service: Service) -> None:
-    service.pop("ports", None)
-
-
-def _depends_on(_name: str, service: Service) -> None:
-    service.pop("depends_on", None)
-
-
 def _placement(name: str, service: Service) -> None:
     deploy = service.setdefault("deploy", {})
     deploy["endpoint_mode"] = "dnsrr"
@@ -126,13 +118,13 @@ DIFFERENCES: tuple[Difference, ...] = (
         "Swarm publishes on every interface of a node (no host address, so not loopback only) "
         "or through the routing mesh (IPVS); reach the server from a client task "
         "(`lab exec-client --swarm`)",
-        _ports,
+        _drop("ports"),
     ),
     Difference(
         "depends_on",
         "the client's intro waits for the server's health port",
         "Swarm starts services in no order and has no health conditions",
-        _depends_on,
+        _drop("depends_on"),
     ),
     Difference(
         "deploy",
