@@ -119,9 +119,15 @@ class SignalQueue:
                     break  # a short read emptied it: no second read to hear EAGAIN
             except BlockingIOError:
                 break
-        received = sorted(self._pending, key=lambda s: PRIORITY.get(s, 3))
-        self._pending.clear()
-        return received
+        # Take what is recorded without losing what lands meanwhile: the Python handler can run
+        # after any call here (CPython checks for signals when a call returns), so a copy then
+        # ``clear()`` would drop a signal recorded between the two — spawn's stream of SIGCHLD
+        # once swallowed a SIGUSR1 that way. Deleting only the copied prefix keeps anything the
+        # handler appended after the copy, for the next call (its byte is in the pipe still).
+        pending = self._pending
+        taken = pending[:]
+        del pending[: len(taken)]
+        return sorted(taken, key=lambda s: PRIORITY.get(s, 3))
 
 
 def detach_after_fork() -> None:
