@@ -1,6 +1,7 @@
 """The lab on a single-node Docker Swarm, driven through the ``lab`` CLI as a user drives it: deploy
-as a stack, the original client's exchange from a client task to ``bakawali``, ``lab switch`` to
-another design, a short ``lab bench --swarm``, teardown with nothing left.
+as a stack, the original client's exchange from a client task to ``bakawali`` (seen by
+``lab logs -f --swarm`` as it happens), ``lab switch`` to another design, a short
+``lab bench --swarm`` and ``lab compare --swarm``, teardown with nothing left.
 
 The swarm is the test's own when the engine is in none (``docker swarm init`` on loopback, left
 again at the end); an engine that already manages one is used as it is and left so.
@@ -10,11 +11,13 @@ from __future__ import annotations
 
 import json
 import subprocess
+import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from labcli import lab, ok
+from labcli import lab, lab_command, lab_env, ok
 
 from lab.orchestration import swarm
 
@@ -74,9 +77,10 @@ def swarm_status(project: str) -> dict[str, Any]:
     return report
 
 
-def test_the_lab_deploys_on_a_swarm_switches_benches_and_leaves_nothing(
-    on_swarm: str, docker_engine: docker.DockerClient
+def test_the_lab_deploys_on_a_swarm_follows_switches_benches_compares_and_leaves_nothing(
+    on_swarm: str, docker_engine: docker.DockerClient, tmp_path: Path
 ) -> None:
+    results = tmp_path / "results"
     project = on_swarm
     ok(lab(project, "up", "--swarm", "--clients", "2", "--design", "thread"))
     report = swarm_status(project)
@@ -95,6 +99,28 @@ def test_the_lab_deploys_on_a_swarm_switches_benches_and_leaves_nothing(
     again = lab(project, "up")
     assert again.returncode != 0 and "already up on the swarm" in again.stderr, again.stderr
 
+    # `lab logs -f --swarm` follows the server task's log (docker service logs --follow): the
+    # exchange below shows up in it while it runs, and it ends when the user stops it.
+    follow = subprocess.Popen(
+        [lab_command(), "logs", "-f", "--swarm", "server"],
+        env=lab_env(project),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    followed: list[str] = []
+    seen = threading.Event()
+
+    def read_follow() -> None:
+        assert follow.stdout is not None
+        for line in follow.stdout:
+            followed.append(line)
+            if "The message from client: over the swarm" in line:
+                seen.set()
+
+    reader = threading.Thread(target=read_follow, daemon=True)
+    reader.start()
+
     # The original exchange, from a client task to bakawali over the overlay network (dnsrr).
     exchange = ok(
         lab(
@@ -111,6 +137,13 @@ def test_the_lab_deploys_on_a_swarm_switches_benches_and_leaves_nothing(
         )
     )
     assert 'The sent message: "over the swarm" successfully received' in exchange.stdout
+    try:
+        assert seen.wait(60), "".join(followed[-40:]) or "`lab logs -f --swarm` printed nothing"
+        assert follow.poll() is None, "`lab logs -f` ended by itself: it should follow"
+    finally:
+        follow.terminate()
+        follow.wait(30)
+    reader.join(30)
     # ... and the server's own trace says it got it (the server task's log, not the client's).
     trace = ok(lab(project, "logs", "--swarm", "server")).stdout
     assert "The message from client: over the swarm" in trace, trace[-2000:]
@@ -160,6 +193,38 @@ def test_the_lab_deploys_on_a_swarm_switches_benches_and_leaves_nothing(
     assert result["server"]["stats"]["completed"] >= load["requests"], result["server"]
     assert result["swarm"]["tasks"].count(f"{project}_client.") == 2, result["swarm"]
     # ... and the bench put back the design it found.
+    assert swarm_status(project)["design"] == "fork"
+
+    # A short compare on the swarm: every design's run measured from the client tasks, the
+    # server's count as the independent figure again, and the design it found put back.
+    ok(
+        lab(
+            project,
+            "compare",
+            "--swarm",
+            "--designs",
+            "select,fork",
+            "--workload",
+            "connect-per-request",
+            "--concurrency",
+            "2",
+            "--repeats",
+            "1",
+            "--duration",
+            "0.5",
+            "--out",
+            str(results),
+        )
+    )
+    (results_json,) = results.glob("*/results.json")
+    runs = json.loads(results_json.read_text())["runs"]
+    assert [(r["design"], r.get("error")) for r in runs] == [("select", None), ("fork", None)]
+    for run in runs:
+        load = run["load"]
+        assert load["errors_total"] == 0 and load["requests"] > 0, load
+        assert run["server"]["stats"]["completed"] >= load["requests"], run["server"]
+    report = (results_json.parent / "report.md").read_text()
+    assert f"{project}_client.2 on" in report  # where each task ran, in the environment
     assert swarm_status(project)["design"] == "fork"
 
     # Teardown: the stack, its network and (with --volumes) its data volume; then nothing.
