@@ -318,6 +318,22 @@ def test_a_run_that_fits_in_what_is_left_of_the_table_does_not_wait(
     assert "connection-tracking" not in capsys.readouterr().err
 
 
+def test_a_run_of_a_fixed_number_of_requests_needs_room_for_those_only(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """3,000 requests, 50 a connection, no warm-up: 60 connections and one per slot — not what
+    its 30 s --duration limit could open (a bench in CI once waited 74 s for room it did not
+    need, in a table the tests before it had filled)."""
+    config = tiny_config(
+        workload="persistent", per_connection=50, requests=3000, duration=30.0, warmup=0.0
+    )
+    assert connections_at_most(config) == 3000 // 50 + config.concurrency * config.processes  # type: ignore[arg-type]
+    backend = _Tables(Conntrack(262_000, 262_144, 0))  # 144 entries left
+    bench(backend, ServerSpec("multi-accept"), config)  # type: ignore[arg-type]
+    assert backend.reads == 2  # before and after: no waiting
+    assert "connection-tracking" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("workload", ["connect-per-request", "persistent"])
 def test_the_connections_a_run_may_open_bound_what_the_server_accepted(workload: str) -> None:
     """The bound the bench waits for is checked against the server's own count of accepts."""

@@ -279,9 +279,13 @@ def bench(
 
 def connections_at_most(config: LoadConfig) -> int:
     """The most connections ``config`` can open: its length at the rate ceilings (or at its
-    open-loop rate), plus one per connection slot (each loader's last connections)."""
+    open-loop rate) — for a run of ``requests`` messages, the warm-up's and those — plus one per
+    connection slot (each loader's last connections)."""
     seconds = config.warmup + config.duration
-    messages = seconds * (config.rate or MESSAGE_RATE_CEILING)
+    rate = config.rate or MESSAGE_RATE_CEILING
+    messages = seconds * rate
+    if config.requests is not None:  # bounded by its count, not by its --duration limit
+        messages = min(messages, config.warmup * rate + config.requests)
     connections = min(seconds * CONNECTION_RATE_CEILING, messages / config.per_connection)
     return int(connections) + config.concurrency * config.processes
 
