@@ -141,3 +141,84 @@ def test_up_on_swarm_refuses_an_engine_that_is_no_manager_naming_swarm_init(
     with pytest.raises(LabError, match="not a swarm manager: run `docker swarm init`"):
         swarm.require_manager(engine)
     assert swarm.services(engine, "lab") == []  # and nothing is deployed there
+
+
+class FakeNode:
+    def __init__(self, node_id: str, hostname: str, availability: str = "active") -> None:
+        self.id = node_id
+        self.attrs = {
+            "Description": {"Hostname": hostname},
+            "Spec": {"Role": "worker", "Availability": availability},
+            "Status": {"State": "ready"},
+        }
+
+
+class FakeImages:
+    """An engine's images: which it has, and what was loaded into it."""
+
+    def __init__(self, have: set[str]) -> None:
+        self.have = have
+        self.loaded: list[bytes] = []
+
+    def get(self, name: str) -> Any:
+        from docker.errors import ImageNotFound
+
+        if name not in self.have:
+            raise ImageNotFound(name)
+        image: Any = type(
+            "Image", (), {"save": lambda _self, named: iter([b"tar:" + name.encode()])}
+        )
+        return image()
+
+    def load(self, chunks: Any) -> None:
+        self.loaded.append(b"".join(chunks))
+
+
+class FakeNodeEngine(FakeEngine):
+    def __init__(self, node_id: str, have: set[str], nodes: list[FakeNode] | None = None) -> None:
+        super().__init__({"LocalNodeState": "active", "NodeID": node_id})
+        self.images = FakeImages(have)
+        self.nodes = type("Nodes", (), {"list": lambda _self: list(nodes or [])})()
+
+
+def a_swarm_of_three(have_on_2: set[str]) -> tuple[Any, Any]:
+    """A manager (node m, which has the image) and nodes w1, w2 whose engines are listed."""
+    every = [FakeNode("m", "manager"), FakeNode("w1", "node-1"), FakeNode("w2", "node-2")]
+    manager = FakeNodeEngine("m", {"lab:1"}, every)
+    return manager, FakeNodeEngine("w2", have_on_2)
+
+
+def test_a_node_whose_engine_is_not_listed_stops_the_deploy_naming_it_and_the_fix() -> None:
+    manager, node_2 = a_swarm_of_three(set())
+    engines: Any = {"m": manager, "w2": node_2}  # node-1's engine was not given
+    with pytest.raises(LabError) as refused:
+        swarm.ensure_images_on_nodes(manager, "lab:1", engines, None)
+    message = str(refused.value)
+    assert "node(s) node-1 have lab:1" in message and "--engine URL" in message
+    assert "node-2" not in message.split(":")[0]  # only the unlisted one is named
+    assert node_2.images.loaded == []  # refused before anything was loaded anywhere
+
+
+def test_the_image_is_loaded_only_onto_listed_nodes_that_lack_it_and_drained_ones_are_skipped() -> (
+    None
+):
+    every = [
+        FakeNode("m", "manager"),
+        FakeNode("w1", "node-1"),
+        FakeNode("w2", "node-2"),
+        FakeNode("w3", "node-3", availability="drain"),  # runs no task: need not be listed
+    ]
+    manager = FakeNodeEngine("m", {"lab:1"}, every)
+    node_1, node_2 = FakeNodeEngine("w1", {"lab:1"}), FakeNodeEngine("w2", set())
+    engines: Any = {"m": manager, "w1": node_1, "w2": node_2}
+    progress: list[str] = []
+    assert swarm.ensure_images_on_nodes(manager, "lab:1", engines, None, progress.append) == ["w2"]
+    assert node_2.images.loaded == [b"tar:lab:1"]  # the manager's saved image, streamed
+    assert node_1.images.loaded == []  # it had it
+    assert progress == ["loading lab:1 onto node node-2"]
+
+
+def test_an_unknown_server_node_is_refused_naming_the_nodes() -> None:
+    manager, node_2 = a_swarm_of_three({"lab:1"})
+    with pytest.raises(LabError, match=r"--server-node node-9: no such node \(nodes: manager, "):
+        swarm.ensure_images_on_nodes(manager, "lab:1", {"m": manager, "w2": node_2}, "node-9")
