@@ -5,21 +5,24 @@
     make rehearsal                 # the same, through its test (tests/integration/…rehearsal.py)
 
 1. Builds ``lab-node`` (the lab's base image with Debian's docker.io; images/node/) if missing.
-2. Starts N privileged Docker-in-Docker containers on a bridge network of its own; each runs a
-   Docker engine (its own /var/lib/docker on a volume). Node 1 runs ``docker swarm init``, the
-   others join it as workers. The host's own engine and swarm state are not touched.
+2. Starts N Docker-in-Docker containers (the host engine's capabilities, not
+   ``--privileged``) on a bridge network of its own; each runs a Docker engine (its own
+   /var/lib/docker on a volume). Node 1 runs ``docker swarm init``, the others join it as
+   workers. The host's own engine and swarm state are not touched.
 3. Loads the lab's images into node 1 only (``docker save | docker load``), then runs the lab
    CLI against node 1 (``DOCKER_HOST``) as a user of a real swarm would:
    ``lab up --swarm --server-node node-1 --engine tcp://<node 2>:2375 …`` — the lab itself finds
    that the other nodes lack the image and loads it there.
 4. Checks: tasks on at least two nodes; the original client's exchange from a client task on
-   another node than the server's; a short ``lab bench --swarm`` with no error, the server's
-   own count of what it served at least the loaders' count.
+   another node than the server's; a partition of that client (``lab fault``: its helper on
+   the client's node, the exchange cut, then cleared); a short ``lab bench --swarm`` with no
+   error, the server's own count of what it served at least the loaders' count.
 5. ``lab down --swarm`` (the images it loaded go from the other nodes), then removes the nodes,
    their volumes and the network — also when a step failed (``--keep`` leaves them for a look).
 
 Prints one line per step and ``rehearsal passed`` at the end; exits 1 with the failing step's
-line otherwise. Needs root on the host (privileged containers) and about 3 minutes.
+line otherwise. Needs root on the host (containers with every capability the engine holds) and
+about 3 minutes.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 from lab.orchestration.engine import LABELS, LabError, client  # noqa: E402
 from lab.orchestration.images import ensure_images  # noqa: E402
+from lab.orchestration.stack import FAULT_PROJECT_LABEL  # noqa: E402
 
 if TYPE_CHECKING:
     import docker
@@ -228,11 +232,11 @@ def load_images(engine: docker.DockerClient, into: docker.DockerClient, refs: li
         into.images.load(engine.images.get(ref).save(named=True))  # type: ignore[arg-type]
 
 
-def lab(manager_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+def lab(manager_url: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     command = [str(Path(sys.executable).with_name("lab")), *args]
     env = {**os.environ, "DOCKER_HOST": manager_url, "LAB_PROJECT": PROJECT}
     result = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
+    if check and result.returncode != 0:
         out = (result.stderr or result.stdout).strip().splitlines()
         raise Failed(f"`lab {' '.join(args)}` exited {result.returncode}: {out[-1] if out else ''}")
     return result
@@ -276,6 +280,23 @@ def rehearse(nodes: int, clients: int, keep: bool) -> dict[str, Any]:
         if "successfully received" not in exchange:
             raise Failed(f"client {number} on {away['node']}: no echo: {exchange.strip()}")
         say(f"client {number} on {away['node']} exchanged with bakawali on node-1")
+        # A fault on that client: its helper runs on the client's node, through that engine.
+        lab(manager, "fault", "partition", number)
+        node = engines[int(away["node"].rsplit("-", 1)[1]) - 1]
+        helpers = node.containers.list(filters={"label": f"{FAULT_PROJECT_LABEL}={PROJECT}"})
+        if len(helpers) != 1:
+            raise Failed(f"the partition's helper is not on {away['node']}: {helpers}")
+        cut = lab(manager, "exec-client", number, "--", "lab", "client", "bakawali",
+                  "--message", "cut off", "--timeout", "1", check=False)  # fmt: skip
+        if cut.returncode == 0:
+            raise Failed(f"client {number} exchanged through its partition: {cut.stdout.strip()}")
+        lab(manager, "fault", "clear")
+        again = lab(manager, "exec-client", number, "--", "lab", "client", "bakawali",
+                    "--message", "healed").stdout  # fmt: skip
+        if "successfully received" not in again or node.containers.list(all=True, filters={
+                "label": f"{FAULT_PROJECT_LABEL}={PROJECT}"}):  # fmt: skip
+            raise Failed(f"after `lab fault clear`: {again.strip()} (or its helper is left)")
+        say(f"partition of client {number}: its helper on {away['node']}, cut, then cleared")
         bench = json.loads(
             lab(
                 manager,

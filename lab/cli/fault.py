@@ -77,12 +77,27 @@ def pause(
 
     with user_errors("lab fault pause"):
         if seconds is None:
-            name = faults.pause()
-            typer.echo(f"paused {name}: undo with `lab fault clear` (or `lab down`)")
+            paused = faults.pause()
+            typer.echo(f"paused {paused.container}: undo with `lab fault clear` (or `lab down`)")
+            if paused.replaced_after is not None:
+                typer.echo(_swarm_replaces(paused.replaced_after))
             return
         typer.echo(f"pausing the server for {seconds:g} s…")
-        name = faults.pause(seconds=seconds)
-    typer.echo(f"resumed {name} after {seconds:g} s")
+        paused = faults.pause(seconds=seconds)
+    if paused.replaced:
+        typer.echo(
+            f"Swarm replaced {paused.container} while it was paused (its health checks failed): "
+            "a new server task serves now, at a new address"
+        )
+    else:
+        typer.echo(f"resumed {paused.container} after {seconds:g} s")
+
+
+def _swarm_replaces(after: float) -> str:
+    return (
+        f"on Swarm: paused for more than about {after:g} s, the server fails its health checks "
+        "and Swarm replaces the task (a new server, not this one resumed)"
+    )
 
 
 @app.command("delay")

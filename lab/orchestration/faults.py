@@ -15,6 +15,13 @@ stays behind, exited, as the record until ``clear`` (or ``lab down``) removes it
 was killed before it could undo is found by its exit code, and ``clear`` runs the agent's
 idempotent ``clear`` in that client's namespace.
 
+On Docker Swarm (``lab up --swarm``) every fault acts through the engine of the node its
+container runs on (the ``--engine`` URLs given at deploy): a helper starts on its client's node,
+from the image that client runs. One difference is Swarm's own: a paused server fails its
+health checks, and once they have failed ``retries`` times Swarm replaces the task — a new
+server (a new address for ``bakawali``) instead of the frozen one resumed. ``pause`` says so
+when its ``--for`` is that long or open-ended, and reports which of the two happened.
+
 The server's processes are found inside its container (``ps`` by exec, as the server's own
 user, who may signal them): its init (tini, PID 1) runs ``lab serve``, whose children are the
 workers. The health checks are execs of their own (parent 0), never counted as workers.
@@ -42,6 +49,7 @@ __all__ = [
     "WORKER_DESIGNS",
     "Active",
     "Injected",
+    "Paused",
     "clear",
     "kill_worker",
     "network_fault",
@@ -149,19 +157,49 @@ def kill_worker(project: str = PROJECT, signal_name: str = "KILL") -> tuple[str,
     raise LabError(f"could not signal a worker: each exited meanwhile ({pid} last) — try again")
 
 
-def pause(project: str = PROJECT, seconds: float | None = None) -> str:
+@dataclass(frozen=True)
+class Paused:
+    """What ``pause`` did: the container, and on Swarm what the orchestrator will do or did."""
+
+    container: str
+    # On Swarm: after about this many seconds paused its health checks have failed enough for
+    # Swarm to replace the task (None: not on Swarm, nothing replaces a paused container).
+    replaced_after: float | None = None
+    # With --for: Swarm replaced it meanwhile (a new server task serves), not resumed.
+    replaced: bool = False
+
+
+def replacement_after(server: Container) -> float | None:
+    """On Swarm, about how long the server can stay paused before Swarm replaces its task:
+    its health check's ``retries`` failures, ``interval`` apart (each check of a paused
+    container fails at once: an exec into it is refused). None off Swarm."""
+    if not stack.on_swarm(server):
+        return None
+    check = server.attrs.get("Config", {}).get("Healthcheck") or {}
+    interval = (check.get("Interval") or 30_000_000_000) / 1e9  # nanoseconds; Docker's default
+    return float(check.get("Retries") or 3) * interval
+
+
+def pause(project: str = PROJECT, seconds: float | None = None) -> Paused:
     """Freeze the server's container (every process in it stops: no accept, no reply, its
-    sockets' queues fill); with ``seconds``, resume it after that long. Returns its name."""
+    sockets' queues fill); with ``seconds``, resume it after that long."""
+    from docker.errors import APIError, NotFound
+
     server = _running_server(project)
+    limit = replacement_after(server)
     server.pause()
-    if seconds is not None:
+    if seconds is None:
+        return Paused(str(server.name), limit)
+    replaced = False
+    try:
+        time.sleep(seconds)
+    finally:
         try:
-            time.sleep(seconds)
-        finally:
-            with contextlib.suppress(Exception):
-                server.unpause()
-        _healthy_again(project)
-    return str(server.name)
+            server.unpause()
+        except (APIError, NotFound):
+            replaced = limit is not None  # Swarm took the task down: no container to resume
+    _healthy_again(project)
+    return Paused(str(server.name), limit, replaced)
 
 
 def _healthy_again(project: str) -> None:
@@ -252,7 +290,8 @@ def _run_helper(target: Container, argv: list[str], **how: Any) -> Any:
     NET_ADMIN (iptables, tc) as its only capability, and otherwise as bounded as the lab's
     containers — the hardening test's one listed exception. Returns the container (with
     ``detach=True``) or its output (run to its end)."""
-    return client().containers.run(
+    # The target's own engine (the one that listed it): on Swarm, its node's.
+    return (target.client or client()).containers.run(
         str(target.attrs["Image"]),
         argv,
         user="0",
@@ -315,19 +354,18 @@ def _undo(helper: Container) -> str:
         helper.reload()
         code = helper.attrs.get("State", {}).get("ExitCode", 0)
         if code != 0 and helper.attrs.get("State", {}).get("Status") == "exited":
-            _sweep(target)  # killed before it undid: its rules may be in place
+            _sweep(helper, target)  # killed before it undid: its rules may be in place
         helper.remove(force=True)
     return f"{spec} removed from {target}"
 
 
-def _sweep(target: str) -> None:
+def _sweep(helper: Container, target: str) -> None:
     """Run the agent's ``clear`` in ``target``'s namespace (a short-lived helper, for one that
-    died before it could undo)."""
+    died before it could undo; ``helper``'s engine is the target's)."""
     from docker.errors import APIError, NotFound
 
-    engine = client()
     try:
-        container = engine.containers.get(target)
+        container = (helper.client or client()).containers.get(target)
     except NotFound:
         return  # gone, and its namespace with it
     if container.status != "running":
@@ -363,12 +401,10 @@ def show(project: str = PROJECT) -> list[Active]:
 def clear(project: str = PROJECT) -> list[str]:
     """Undo every fault in place; returns what was undone."""
     undone = clear_network(project)
-    for active in show(project):
-        if active.fault != "pause":
-            continue
-        container = client().containers.get(active.container)
-        container.unpause()
-        undone.append(f"resumed {active.container}")
+    for container in stack.containers(client(), project):
+        if container.status == "paused":
+            container.unpause()  # through the engine that listed it (its node's, on Swarm)
+            undone.append(f"resumed {container.name}")
     if any(u.startswith("resumed") for u in undone) and stack.find_server(client(), project):
         _healthy_again(project)
     return undone

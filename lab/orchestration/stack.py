@@ -139,12 +139,13 @@ def remove_foreign(engine: docker.DockerClient, project: str = PROJECT) -> list[
 
 
 def fault_helpers(engine: docker.DockerClient, project: str = PROJECT) -> list[Container]:
-    """The network faults' helper containers of the project, running or exited."""
-    return list(
-        engine.containers.list(
-            all=True, filters={"label": f"{FAULT_PROJECT_LABEL}={project}"}, ignore_removed=True
-        )
-    )
+    """The network faults' helper containers of the project, running or exited (on Swarm, on
+    every node engine of the stack: a helper runs on its client's node)."""
+    label: dict[str, str | list[str] | bool] = {"label": f"{FAULT_PROJECT_LABEL}={project}"}
+    found: list[Container] = []
+    for each in swarm.engines_of(engine, project).values():
+        found += each.containers.list(all=True, filters=label, ignore_removed=True)
+    return found
 
 
 def remove_fault_helpers(engine: docker.DockerClient, project: str = PROJECT) -> None:

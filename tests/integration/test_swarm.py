@@ -1,7 +1,8 @@
 """The lab on a single-node Docker Swarm, driven through the ``lab`` CLI as a user drives it: deploy
 as a stack, the original client's exchange from a client task to ``bakawali`` (seen by
 ``lab logs -f --swarm`` as it happens), ``lab switch`` to another design, a short
-``lab bench --swarm`` and ``lab compare --swarm``, teardown with nothing left.
+``lab bench --swarm`` and ``lab compare --swarm``, faults (a client partitioned, the server
+paused), teardown with nothing left.
 
 The swarm is the test's own when the engine is in none (``docker swarm init`` on loopback, left
 again at the end); an engine that already manages one is used as it is and left so.
@@ -226,6 +227,27 @@ def test_the_lab_deploys_on_a_swarm_follows_switches_benches_compares_and_leaves
     report = (results_json.parent / "report.md").read_text()
     assert f"{project}_client.2 on" in report  # where each task ran, in the environment
     assert swarm_status(project)["design"] == "fork"
+
+    # Faults act through the engine of each container's node: a partition cuts client 1 only
+    # (its exchange fails, client 2's does not) until `lab fault clear`; a pause on Swarm says
+    # that Swarm replaces a server paused too long, and one for a second is resumed.
+    members = swarm_status(project)["containers"]
+    client_1 = next(m["name"] for m in members if m["service"] == "client" and m["number"] == 1)
+    ok(lab(project, "fault", "partition", "1"))
+    assert f"partition: {client_1}" in ok(lab(project, "fault", "show")).stdout
+    cut = lab(project, "exec-client", "1", "--", "lab", "client", "bakawali", "-m", "x",
+              "--timeout", "1")  # fmt: skip
+    assert cut.returncode != 0, cut.stdout
+    exchange = ok(lab(project, "exec-client", "2", "--", "lab", "client", "bakawali", "-m", "y"))
+    assert "successfully received" in exchange.stdout
+    assert f"partition removed from {client_1}" in ok(lab(project, "fault", "clear")).stdout
+    exchange = ok(lab(project, "exec-client", "1", "--", "lab", "client", "bakawali", "-m", "z"))
+    assert "successfully received" in exchange.stdout
+    paused = ok(lab(project, "fault", "pause")).stdout
+    assert "Swarm replaces the task" in paused, paused
+    assert "resumed" in ok(lab(project, "fault", "clear")).stdout
+    assert "resumed" in ok(lab(project, "fault", "pause", "--for", "1")).stdout
+    assert "no fault in place" in ok(lab(project, "fault", "show")).stdout
 
     # Teardown: the stack, its network and (with --volumes) its data volume; then nothing.
     ok(lab(project, "down", "--swarm", "--volumes"))
