@@ -296,6 +296,8 @@ def rehearse(nodes: int, clients: int, keep: bool) -> dict[str, Any]:
         if "successfully received" not in again or node.containers.list(all=True, filters={
                 "label": f"{FAULT_PROJECT_LABEL}={PROJECT}"}):  # fmt: skip
             raise Failed(f"after `lab fault clear`: {again.strip()} (or its helper is left)")
+        # (the script stopped above unless the helper ran on that node and the exchange failed)
+        found["partition"] = {"client": number, "node": away["node"], "cut": cut.returncode != 0}
         say(f"partition of client {number}: its helper on {away['node']}, cut, then cleared")
         bench = json.loads(
             lab(

@@ -40,6 +40,8 @@ def test_the_lab_runs_across_a_swarm_of_two_nodes_and_leaves_nothing(
     assert nodes == {"node-1", "node-2"}, found["tasks"]
     server = next(t for t in found["tasks"] if "_server." in t["task"])
     assert server["node"] == "node-1"  # --server-node
+    # A fault on a client task of the other node: its helper ran there, through that engine.
+    assert found["partition"]["node"] == "node-2" and found["partition"]["cut"], found
     bench = found["bench"]
     assert bench["errors"] == 0 and bench["requests"] > 0, bench
     assert bench["served"] >= bench["requests"], bench  # the server's own count
