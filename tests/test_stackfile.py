@@ -96,6 +96,17 @@ def test_a_server_node_becomes_a_placement_constraint(compose: dict[str, Any]) -
     )
 
 
+def test_publish_puts_the_servers_port_on_its_node_in_host_mode_and_nothing_else(
+    compose: dict[str, Any],
+) -> None:
+    published = stackfile.stack_file(compose, publish=23456)
+    target = int(compose["services"]["server"]["ports"][0].rsplit(":", 1)[1])
+    assert published["services"]["server"]["ports"] == [
+        {"target": target, "published": 23456, "protocol": "tcp", "mode": "host"}  # no mesh
+    ]
+    assert "ports" not in published["services"]["client"]
+
+
 def test_the_migrate_req_override_adds_its_sysctl(compose: dict[str, Any]) -> None:
     override = stackfile.load_compose(ROOT / "images/compose.migrate-req.yaml")
     stack = stackfile.stack_file(compose, overrides=(override,))

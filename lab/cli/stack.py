@@ -7,6 +7,7 @@ Thin commands: each calls :mod:`lab.orchestration.stack` (imported late, so ``la
 from __future__ import annotations
 
 import json
+import os
 import sys
 from enum import StrEnum
 from typing import Annotated, Any
@@ -102,6 +103,14 @@ def up(
             "check and load the image there and reach its tasks; repeat per node",
         ),
     ] = None,
+    publish: Annotated[
+        bool,
+        typer.Option(
+            "--publish",
+            help="with --swarm: publish the server's port at LAB_HOST_PORT (12345) of its node, "
+            "in host mode — on every interface of that node (Swarm takes no host address)",
+        ),
+    ] = False,
 ) -> None:
     """Build the images if missing, start the server and the clients, wait until healthy (what
     is left of an earlier lab — an exited server, a bench's peer — is removed first)."""
@@ -109,9 +118,10 @@ def up(
 
     from lab.orchestration import stack
 
-    if not on_swarm and (server_node or engines):
-        raise typer.BadParameter("--server-node and --engine go with --swarm")
-    where = stack.Swarm(server_node, tuple(engines or ())) if on_swarm else None
+    if not on_swarm and (server_node or engines or publish):
+        raise typer.BadParameter("--server-node, --engine and --publish go with --swarm")
+    port = _host_port() if publish else None
+    where = stack.Swarm(server_node, tuple(engines or ()), port) if on_swarm else None
     with user_errors("lab up"):
         with console.status("preparing the lab…") as status:
             found = stack.up(
@@ -128,12 +138,25 @@ def up(
             for line in stack.transcript():
                 typer.echo(line)
     console.print(_table([asdict(m) for m in found]))
-    if on_swarm:
+    if port is not None:
+        console.print(
+            f"the server is published at port {port} of its node (`lab status --swarm` names "
+            f"it), on every interface: `lab client NODE -p {port} -m hi`"
+        )
+    elif on_swarm:
         console.print(
             "no port is published on the swarm: reach the server from a client task, "
-            "`lab exec-client -- lab client bakawali -m hi`"
+            "`lab exec-client -- lab client bakawali -m hi` (or `lab up --swarm --publish`)"
         )
     console.print("the transcript: `lab logs`; the statistics: `lab status`; stop: `lab down`")
+
+
+def _host_port() -> int:
+    """LAB_HOST_PORT (as compose reads it for its loopback binding), checked."""
+    text = os.environ.get("LAB_HOST_PORT", "12345")
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise typer.BadParameter(f"LAB_HOST_PORT={text!r}: give a TCP port, 1–65535")
+    return int(text)
 
 
 def down(

@@ -252,6 +252,7 @@ class Swarm:
 
     server_node: str | None = None
     engines: tuple[str, ...] = ()
+    publish: int | None = None  # the server's port at this port of its node (host mode)
 
 
 def _up_swarm(
@@ -274,6 +275,7 @@ def _up_swarm(
         on.server_node,
         on.engines,
         {node: image for node in loaded},
+        on.publish,
     )
 
 

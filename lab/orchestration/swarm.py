@@ -252,17 +252,24 @@ def deploy(
     server_node: str | None = None,
     engine_urls: Sequence[str] = (),
     loaded: dict[str, str] | None = None,
+    publish: int | None = None,
 ) -> None:
     """``docker stack deploy`` of the generated stack file with ``env`` (LAB_IMAGE, LAB_DESIGN,
     LAB_CLIENTS, server options), then wait until every task runs and the server is healthy.
-    The listed engines and the images loaded onto nodes are recorded on the server service."""
+    The listed engines and the images loaded onto nodes are recorded on the server service;
+    ``publish``: the server's port published there, in host mode on its node."""
     from lab.orchestration import compose, stackfile
 
     root = repo_root()
     labels = {ENGINES_LABEL: json.dumps(list(engine_urls)), LOADED_LABEL: json.dumps(loaded or {})}
     with tempfile.TemporaryDirectory(prefix="lab-stack-") as folder:
         path = stackfile.write_stack_file(
-            root, Path(folder) / "stack.yaml", server_node, engine_has_migrate_req(), labels
+            root,
+            Path(folder) / "stack.yaml",
+            server_node,
+            engine_has_migrate_req(),
+            labels,
+            publish,
         )
         full_env = {**os.environ, **env}
         with compose.server_env_file(full_env) as env_path:

@@ -1,8 +1,9 @@
 """The lab on a single-node Docker Swarm, driven through the ``lab`` CLI as a user drives it: deploy
-as a stack, the original client's exchange from a client task to ``bakawali`` (seen by
-``lab logs -f --swarm`` as it happens), ``lab switch`` to another design, a short
-``lab bench --swarm`` and ``lab compare --swarm``, faults (a client partitioned, the server
-paused), teardown with nothing left.
+as a stack (the server's port published in host mode, ``--publish``); the original client's
+exchange from a client task to ``bakawali`` (seen by ``lab logs -f --swarm`` as it happens) and
+one from the host; ``lab switch`` to another design; a short ``lab bench --swarm`` and
+``lab compare --swarm``; faults (a client partitioned, the server paused); teardown with nothing
+left.
 
 The swarm is the test's own when the engine is in none (``docker swarm init`` on loopback, left
 again at the end); an engine that already manages one is used as it is and left so.
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from labcli import lab, lab_command, lab_env, ok
+from labcli import HOST_PORT, lab, lab_command, lab_env, ok
 
 from lab.orchestration import swarm
 
@@ -83,7 +84,7 @@ def test_the_lab_deploys_on_a_swarm_follows_switches_benches_compares_and_leaves
 ) -> None:
     results = tmp_path / "results"
     project = on_swarm
-    ok(lab(project, "up", "--swarm", "--clients", "2", "--design", "thread"))
+    ok(lab(project, "up", "--swarm", "--clients", "2", "--design", "thread", "--publish"))
     report = swarm_status(project)
     assert report["design"] == "thread" and report["health"] == "healthy", report
     tasks = {t["task"]: t for t in report["swarm"]["tasks"]}
@@ -145,6 +146,9 @@ def test_the_lab_deploys_on_a_swarm_follows_switches_benches_compares_and_leaves
         follow.terminate()
         follow.wait(30)
     reader.join(30)
+    # --publish: the server's port on this node, in host mode (no routing mesh), from the host.
+    here = ok(lab(project, "client", "127.0.0.1", "-p", str(HOST_PORT), "-m", "from the host"))
+    assert 'The sent message: "from the host" successfully received' in here.stdout
     # ... and the server's own trace says it got it (the server task's log, not the client's).
     trace = ok(lab(project, "logs", "--swarm", "server")).stdout
     assert "The message from client: over the swarm" in trace, trace[-2000:]
