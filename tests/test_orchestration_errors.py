@@ -8,7 +8,7 @@ import os
 import pytest
 from typer.testing import CliRunner
 
-from lab.cli.app import app
+from lab.cli.app import app, main
 from lab.orchestration import compose, engine
 
 runner = CliRunner()
@@ -152,3 +152,30 @@ def test_lab_down_that_cannot_remove_everything_says_what_is_left(
     monkeypatch.setattr(compose, "run", compose_fails)
     result = runner.invoke(app, ["down"])
     one_line_error(result, "lab down: error: could not remove network lab_labnet", "docker")
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "needle"),
+    [
+        (["up", "--publish"], {}, "go with --swarm"),
+        (["up", "--server-node", "node-1"], {}, "go with --swarm"),
+        (["up", "--swarm", "--publish"], {"LAB_HOST_PORT": "abc"}, "LAB_HOST_PORT='abc'"),
+        (["up", "--swarm", "--publish"], {"LAB_HOST_PORT": "70000"}, "give a TCP port"),
+    ],
+)
+def test_swarm_only_options_and_a_bad_host_port_are_one_line_before_any_engine_call(
+    args: list[str],
+    env: dict[str, str],
+    needle: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("DOCKER_HOST", "tcp://127.0.0.1:9")  # an engine call would say so instead
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr("sys.argv", ["lab", *args])
+    with pytest.raises(SystemExit) as exited:
+        main()  # the console script: a usage error is one line, not Click's box
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lab up: error: ") and err.count("\n") == 1 and needle in err, err
