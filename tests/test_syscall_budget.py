@@ -42,6 +42,12 @@ SLACK = 0.15  # per name: strace's attach and detach, a stray wake-up
 # strace's attach interrupts.
 RESTARTED = {"clone", "clone3"}
 RUNTIME = {"gettid": 1, "set_robust_list": 1, "rseq": 1, "restart_syscall": 1}
+# Calls whose count grows with contention, not with the design's work: a thread that finds the
+# GIL or a lock taken waits on a futex and is woken by another. On a loaded machine (and under
+# ptrace, which slows every call) threads collide more; noise only adds such calls, never
+# removes them, so their per-connection figure is the least of up to WINDOWS windows.
+CONTENDED = {"futex"}
+WINDOWS = 3
 
 
 @pytest.fixture(autouse=True)
@@ -158,7 +164,23 @@ def within_budget(
     if "total" in budget:
         assert sum(one.values()) <= budget["total"], (sum(one.values()), one)
         return
-    for name, used in sorted(one.items()):
+
+    def over(window: dict[str, float]) -> set[str]:
+        return {
+            name
+            for name, used in window.items()
+            if used > budget.get(name, 0) + RUNTIME.get(name, 0) + SLACK
+        }
+
+    least = dict(one)
+    for _ in range(WINDOWS - 1):
+        if not over(least) or not over(least) <= CONTENDED:
+            break  # within budget, or over it by a call that contention does not explain
+        again = count(server, tmp_path, N, 1)
+        least = {name: min(least.get(name, 0.0), again.get(name, 0.0)) for name in CONTENDED} | {
+            name: used for name, used in least.items() if name not in CONTENDED
+        }
+    for name, used in sorted(least.items()):
         allowed = budget.get(name, 0) + RUNTIME.get(name, 0)
         assert used <= allowed + SLACK, f"{design}: {name} {used:.2f} per connection > {allowed}"
 

@@ -401,13 +401,17 @@ def check_fault(design: str, kind: str) -> Check:
     """kill-worker or pause under a persistent load, through the fault bench."""
     if kind == "kill-worker" and design not in WORKER_DESIGNS:
         return Check(design, kind, "n/a", None, "it serves in one process: no worker to kill")
+    # The fault 1.5 s into the run, 1 s long, then 2 s to see throughput back. "Back" is
+    # BACK_RUN intervals in a row near the lower quartile of the intervals before the fault: on
+    # a loaded machine throughput swings by half from one 0.1 s interval to the next, and a
+    # short window before (0.5 s was tried) or after (0.5 s) made a busy CI say "not back".
     config = make_config(
-        "127.0.0.1", port=1, workload="persistent", concurrency=4, duration=2.0, warmup=0.5
+        "127.0.0.1", port=1, workload="persistent", concurrency=4, duration=4.5, warmup=0.5
     )
     spec = parse_fault(kind, 1.0)
     backend = LocalBackend()
     try:
-        result = bench(backend, ServerSpec(design, options=SERVER_OPTIONS), config, spec, 0.5)
+        result = bench(backend, ServerSpec(design, options=SERVER_OPTIONS), config, spec, 1.5)
     finally:
         backend.close()
     run = result.fault
