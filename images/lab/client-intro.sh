@@ -13,6 +13,9 @@
 #    starts them in no order. The health port is counted apart and never traced.
 # 3. Send LAB_INTRO_MESSAGES (default 3) messages to LAB_SERVER (default bakawali) with
 #    `lab client`, like the chapter's clients; a failed exchange prints its line and the next goes.
+#    A kv server (LAB_SERVICE=kv) answers lines of commands, not echoes — an echo would wait for
+#    its timeout and fail — so each message is a GET of the client's own intro key instead: a
+#    read, nothing written to the user's database.
 # 4. Stay up, idle, so that `lab exec-client` can run more work in this container.
 set -uo pipefail
 
@@ -56,9 +59,18 @@ for ((waited = 0; waited < ${LAB_INTRO_WAIT:-60}; waited++)); do
   sleep 1
 done
 
+kv_message() {
+  local command="GET intro:$me" reply
+  reply=$(lab client "$server" --kv "$command") || return
+  printf 'The kv command "%s" successfully received its reply: %s\n' "$command" "$reply"
+}
+
 for ((n = 1; n <= count; n++)); do
-  lab client "$server" --message "Test message #$n from $me" ||
-    printf '%s: message #%d to %s failed (exit %d)\n' "$me" "$n" "$server" "$?" >&2
+  if [[ ${LAB_SERVICE:-} == kv ]]; then
+    kv_message
+  else
+    lab client "$server" --message "Test message #$n from $me"
+  fi || printf '%s: message #%d to %s failed (exit %d)\n' "$me" "$n" "$server" "$?" >&2
 done
 
 exec sleep infinity

@@ -41,8 +41,13 @@ def kv(project: str, *commands: str) -> list[str]:
 def test_the_data_volume_keeps_the_keys_across_switch_and_down_until_down_volumes(
     project: str, lab_image: str, docker_engine: docker.DockerClient
 ) -> None:
-    ok(lab(project, "up", "--design", "thread-pool", "--service", "kv", "--clients", "1"))
-    assert kv(project, "INCR hits", "SET who thread-pool") == ["1", "OK"]
+    up = ok(lab(project, "up", "--design", "thread-pool", "--service", "kv", "--clients", "1",
+                "--transcript"))  # fmt: skip
+    # The client's introduction speaks kv: three GETs answered at once (an echo would have
+    # waited for its timeout), nothing failed, and nothing written to the database.
+    said = 'The kv command "GET intro:client-1" successfully received its reply: NOT_FOUND'
+    assert up.stdout.count(said) == 3 and "failed" not in up.stdout, up.stdout
+    assert kv(project, "INCR hits", "SET who thread-pool", "SCAN intro") == ["1", "OK", ""]
     ok(lab(project, "switch", "fork"))  # the service is kept, the data too
     assert status(project)["design"] == "fork"
     assert kv(project, "INCR hits", "GET who") == ["2", "thread-pool"]
