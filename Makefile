@@ -50,9 +50,12 @@ $(CPEER): $(CPEER_SRC) | host-tools
 # First the files that measure local servers under load (marked `measuring` in
 # tests/conftest.py), on their own and before the rest: after the other tests' hundreds of
 # thousands of connections (or beside them) their servers' first connects sometimes waited
-# more than 5 s — not understood yet. Then two pytest workers (pytest-xdist): the Docker tests
-# in one group, on one worker, in file order (one image build, no two labs fighting over the
-# engine), while the other worker takes the loopback tests, a file at a time.
+# more than 5 s — not understood yet. Then two pytest workers (pytest-xdist), each given whole
+# files (--dist loadfile: a module's fixtures, such as a bench's lab, are set up once), Docker
+# and loopback files alike: two Docker tests may run at once, each in a compose project and on
+# ports of its own, and the image is built once (the first build holds a lock; the other waits).
+# (--dist loadgroup kept the Docker tests on one worker, but pytest 9 ignores the group names
+# pytest-xdist 3.8 writes into node ids: it had long been spreading tests one by one.)
 # TEST_WORKERS=0 runs everything in one process, in order.
 TEST_WORKERS ?= 2
 
@@ -62,7 +65,7 @@ ifeq ($(TEST_WORKERS),0)
 else
 	status=0; \
 	$(PY) -m pytest -m measuring || status=$$?; \
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup -m "not measuring and not rehearsal" || status=$$?; \
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not measuring and not rehearsal" || status=$$?; \
 	exit $$status
 endif
 
