@@ -50,21 +50,29 @@ $(CPEER): $(CPEER_SRC) | host-tools
 # First the files that measure local servers under load (marked `measuring` in
 # tests/conftest.py), on their own and before the rest: after the other tests' hundreds of
 # thousands of connections (or beside them) their servers' first connects sometimes waited
-# more than 5 s — not understood yet. Then two pytest workers (pytest-xdist), each given whole
-# files (--dist loadfile: a module's fixtures, such as a bench's lab, are set up once), Docker
-# and loopback files alike: two Docker tests may run at once, each in a compose project and on
-# ports of its own, and the image is built once (the first build holds a lock; the other waits).
+# more than 5 s — not understood yet. Then the images, where an engine answers: otherwise the
+# first Docker test of each worker would wait for the build (minutes on a fresh machine) inside
+# its own 120 s timeout (without an engine the Docker tests say so themselves, and fail under
+# CI=true). Then two pytest workers (pytest-xdist), each given whole files (--dist loadfile: a
+# module's fixtures, such as a bench's lab, are set up once), Docker and loopback files alike:
+# two Docker tests may run at once, each in a compose project and on ports of its own.
 # (--dist loadgroup kept the Docker tests on one worker, but pytest 9 ignores the group names
 # pytest-xdist 3.8 writes into node ids: it had long been spreading tests one by one.)
-# TEST_WORKERS=0 runs everything in one process, in order.
+# TEST_WORKERS=0 runs everything in one process, in order (after the images).
 TEST_WORKERS ?= 2
+PREBUILD = if $(PY) -c 'import docker; docker.from_env().ping()' >/dev/null 2>&1; then \
+	  $(PY) -m lab.orchestration.images || status=$$?; \
+	fi
 
 test: venv host-tools cpeer
 ifeq ($(TEST_WORKERS),0)
-	$(PY) -m pytest -m "not rehearsal"
+	status=0; $(PREBUILD); \
+	$(PY) -m pytest -m "not rehearsal" || status=$$?; \
+	exit $$status
 else
 	status=0; \
 	$(PY) -m pytest -m measuring || status=$$?; \
+	$(PREBUILD); \
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not measuring and not rehearsal" || status=$$?; \
 	exit $$status
 endif

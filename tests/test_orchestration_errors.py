@@ -179,3 +179,18 @@ def test_swarm_only_options_and_a_bad_host_port_are_one_line_before_any_engine_c
     assert exited.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("lab up: error: ") and err.count("\n") == 1 and needle in err, err
+
+
+def test_the_image_build_step_of_make_test_fails_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``python -m lab.orchestration.images`` (make test runs it before the Docker tests)."""
+    from lab.orchestration import images
+
+    def refuse(*_args: object, **_kwargs: object) -> None:
+        raise engine.LabError("cannot reach the Docker engine: start it")
+
+    monkeypatch.setattr(images, "ensure_images", refuse)
+    assert images.main() == 1
+    err = capsys.readouterr().err
+    assert err == "images: cannot reach the Docker engine: start it\n"

@@ -584,3 +584,20 @@ def _remove_images(engine: docker.DockerClient, include_base: bool) -> list[str]
                 raise _engine_error(f"removing {ref}", exc) from None
             removed.append(ref)
     return removed
+
+
+def main() -> int:
+    """``python -m lab.orchestration.images``: build what is missing (``make test`` runs it
+    before the Docker tests); a failure is one line and exit 1."""
+    import sys
+
+    try:
+        ensure_images()
+    except LabError as exc:
+        print(f"images: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
