@@ -151,13 +151,16 @@ def within_budget(
     for name, calls in (extra or {}).items():
         budget[name] = budget.get(name, 0) + calls
     assert budget, f"{design} declares no syscalls_per_connection"
+
+    def allowed(name: str) -> int:
+        return budget.get(name, 0) + RUNTIME.get(name, 0)
+
     # A per-connection call (the poll() of an empty queue) may differ between the windows by
     # up to its count per connection, spread over K - 1 messages: that is not a message's cost.
     others = {
         n: v
         for n, v in per_message.items()
-        if n not in message_budget
-        and abs(v) > 0.05 + (budget.get(n, 0) + RUNTIME.get(n, 0)) / (K - 1)
+        if n not in message_budget and abs(v) > 0.05 + allowed(n) / (K - 1)
     }
     assert not others, f"{design} makes other calls per message: {others}"
 
@@ -165,24 +168,18 @@ def within_budget(
         assert sum(one.values()) <= budget["total"], (sum(one.values()), one)
         return
 
-    def over(window: dict[str, float]) -> set[str]:
-        return {
-            name
-            for name, used in window.items()
-            if used > budget.get(name, 0) + RUNTIME.get(name, 0) + SLACK
-        }
-
     least = dict(one)
     for _ in range(WINDOWS - 1):
-        if not over(least) or not over(least) <= CONTENDED:
+        over = {n for n, used in least.items() if used > allowed(n) + SLACK}
+        if not over or not over <= CONTENDED:
             break  # within budget, or over it by a call that contention does not explain
         again = count(server, tmp_path, N, 1)
-        least = {name: min(least.get(name, 0.0), again.get(name, 0.0)) for name in CONTENDED} | {
-            name: used for name, used in least.items() if name not in CONTENDED
-        }
+        for name in CONTENDED:
+            least[name] = min(least.get(name, 0.0), again.get(name, 0.0))
     for name, used in sorted(least.items()):
-        allowed = budget.get(name, 0) + RUNTIME.get(name, 0)
-        assert used <= allowed + SLACK, f"{design}: {name} {used:.2f} per connection > {allowed}"
+        assert used <= allowed(name) + SLACK, (
+            f"{design}: {name} {used:.2f} per connection > {allowed(name)}"
+        )
 
 
 def test_the_spawned_worker_costs_an_interpreter_start_and_little_more(tmp_path: Path) -> None:
